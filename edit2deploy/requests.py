@@ -1,0 +1,255 @@
+"""Edit requests: the schema, and loaders for our JSONL format and CounterFact/EasyEdit JSON.
+
+Every problem is reported with file, line (JSONL) or record index (JSON), field, and what was
+expected; all problems of a file are collected before raising, so one run shows them all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputFileError, InputProblem, UsageError
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """A preserved fact near an edit: the prompt should keep completing with `answer`."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: `prompt` holds "{}" where `subject` goes; the model should say `target_new`."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[Neighbor, ...] = ()
+    id: str = ""
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["paraphrases"] = list(self.paraphrases)
+        d["neighborhood"] = [asdict(n) for n in self.neighborhood]
+        return d
+
+
+JSONL_FIELDS = ("id", "prompt", "subject", "target_new", "target_true", "paraphrases", "neighborhood")
+REQUIRED = ("prompt", "subject", "target_new")
+
+
+class _Checker:
+    """Collects problems for one record."""
+
+    def __init__(self, file: str, index: int, kind: str, problems: list[InputProblem]):
+        self.file, self.index, self.kind, self.problems = file, index, kind, problems
+
+    def bad(self, field_name: str | None, message: str) -> None:
+        self.problems.append(InputProblem(self.file, self.index, field_name, message, self.kind))
+
+    def string(self, rec: dict, key: str, required: bool = True, label: str | None = None) -> str | None:
+        label = label or key
+        if key not in rec or rec[key] is None:
+            if required:
+                self.bad(label, "missing (expected a non-empty string)")
+            return None
+        value = rec[key]
+        if not isinstance(value, str):
+            self.bad(label, f"expected a string, got {type(value).__name__}")
+            return None
+        if not value.strip():
+            self.bad(label, "empty (expected a non-empty string)")
+            return None
+        return value
+
+
+def _normalise_prompt(chk: _Checker, prompt: str, subject: str, label: str = "prompt") -> str | None:
+    """Return the prompt with exactly one "{}" for the subject, or report why that is impossible."""
+    if "{}" in prompt:
+        if prompt.count("{}") > 1:
+            chk.bad(label, 'has more than one "{}" placeholder (expected exactly one, for the subject)')
+            return None
+        return prompt
+    if subject not in prompt:
+        chk.bad(label, f"subject '{subject}' does not occur in the prompt (expected it, or a \"{{}}\" placeholder)")
+        return None
+    return prompt.replace(subject, "{}", 1)
+
+
+def _strings(chk: _Checker, rec: dict, key: str) -> tuple[str, ...]:
+    value = rec.get(key, [])
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        chk.bad(key, "expected a list of non-empty strings")
+        return ()
+    return tuple(value)
+
+
+def _neighbors(chk: _Checker, value) -> tuple[Neighbor, ...]:
+    if value is None:
+        return ()
+    out = []
+    if not isinstance(value, list):
+        chk.bad("neighborhood", 'expected a list of {"prompt": ..., "answer": ...} objects')
+        return ()
+    for i, item in enumerate(value):
+        if not (isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("answer"), str)
+                and item["prompt"].strip() and item["answer"].strip()):
+            chk.bad(f"neighborhood[{i}]", 'expected {"prompt": "<non-empty>", "answer": "<non-empty>"}')
+            continue
+        out.append(Neighbor(item["prompt"], item["answer"]))
+    return tuple(out)
+
+
+def _finish(chk: _Checker, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid):
+    if prompt is None or subject is None or target_new is None:
+        return None
+    prompt = _normalise_prompt(chk, prompt, subject)
+    if target_true is not None and target_new.strip() == target_true.strip():
+        chk.bad("target_new", f"equals the true answer '{target_true}' (expected a different target)")
+        return None
+    if prompt is None:
+        return None
+    return EditRequest(prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+
+
+def parse_jsonl_record(rec: dict, chk: _Checker, default_id: str) -> EditRequest | None:
+    unknown = sorted(set(rec) - set(JSONL_FIELDS))
+    for key in unknown:
+        chk.bad(key, f"unknown field (expected one of: {', '.join(JSONL_FIELDS)})")
+    prompt = chk.string(rec, "prompt")
+    subject = chk.string(rec, "subject")
+    target_new = chk.string(rec, "target_new")
+    target_true = chk.string(rec, "target_true", required=False)
+    paraphrases = _strings(chk, rec, "paraphrases")
+    neighborhood = _neighbors(chk, rec.get("neighborhood"))
+    rid = str(rec.get("id", default_id))
+    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+
+
+def parse_easyedit_record(rec: dict, chk: _Checker) -> EditRequest | None:
+    """CounterFact as redistributed by EasyEdit: prompt, subject, target_new, ground_truth, ..."""
+    prompt = chk.string(rec, "prompt")
+    subject = chk.string(rec, "subject")
+    target_new = chk.string(rec, "target_new")
+    target_true = chk.string(rec, "ground_truth", required=False)
+    paraphrases = _strings(chk, rec, "rephrase_prompt")
+    loc_p, loc_a = rec.get("locality_prompt"), rec.get("locality_ground_truth")
+    neighborhood: tuple[Neighbor, ...] = ()
+    if loc_p is not None or loc_a is not None:
+        if isinstance(loc_a, list):  # some EasyEdit files keep answers as lists
+            loc_a = loc_a[0] if loc_a else None
+        if isinstance(loc_p, str) and isinstance(loc_a, str) and loc_p.strip() and loc_a.strip():
+            neighborhood = (Neighbor(loc_p, loc_a),)
+        else:
+            chk.bad("locality_prompt", "expected non-empty strings in locality_prompt and locality_ground_truth")
+    rid = str(rec.get("case_id", chk.index))
+    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+
+
+def parse_rome_record(rec: dict, chk: _Checker) -> EditRequest | None:
+    """The original ROME CounterFact layout (requested_rewrite + paraphrase/neighborhood prompts)."""
+    rw = rec.get("requested_rewrite")
+    if not isinstance(rw, dict):
+        chk.bad("requested_rewrite", "expected an object")
+        return None
+    prompt = chk.string(rw, "prompt", label="requested_rewrite.prompt")
+    subject = chk.string(rw, "subject", label="requested_rewrite.subject")
+    tn, tt = rw.get("target_new"), rw.get("target_true")
+    target_new = chk.string(tn if isinstance(tn, dict) else {}, "str", label="requested_rewrite.target_new.str")
+    target_true = chk.string(tt if isinstance(tt, dict) else {}, "str", required=False)
+    paraphrases = _strings(chk, rec, "paraphrase_prompts")
+    neighborhood = tuple(Neighbor(p, target_true) for p in _strings(chk, rec, "neighborhood_prompts")) if target_true else ()
+    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, str(rec.get("case_id", chk.index)))
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise UsageError(f"{path}: file not found")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory (expected a .jsonl or .json file)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit or ROME)."""
+    path = Path(path)
+    text = _read_text(path)
+    problems: list[InputProblem] = []
+    requests: list[EditRequest] = []
+    name = str(path)
+    stripped = text.lstrip()
+    if path.suffix == ".json" or stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputFileError([InputProblem(name, exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})")]) from exc
+        if not isinstance(data, list):
+            raise InputFileError([InputProblem(name, None, None, "expected a JSON array of records")])
+        for i, rec in enumerate(data[offset: offset + limit if limit else None], start=offset):
+            chk = _Checker(name, i, "record", problems)
+            if not isinstance(rec, dict):
+                chk.bad(None, f"expected an object, got {type(rec).__name__}")
+                continue
+            if "requested_rewrite" in rec:
+                req = parse_rome_record(rec, chk)
+            elif "ground_truth" in rec or "rephrase_prompt" in rec or "locality_prompt" in rec:
+                req = parse_easyedit_record(rec, chk)
+            else:
+                req = parse_jsonl_record(rec, chk, str(i))
+            if req is not None:
+                requests.append(req)
+    else:
+        seen = 0
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            seen += 1
+            if seen <= offset:
+                continue
+            if limit is not None and seen > offset + limit:
+                break
+            chk = _Checker(name, lineno, "line", problems)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                chk.bad(None, f"malformed JSON: {exc.msg} (column {exc.colno})")
+                continue
+            if not isinstance(rec, dict):
+                chk.bad(None, f"expected a JSON object, got {type(rec).__name__}")
+                continue
+            req = parse_jsonl_record(rec, chk, str(lineno))
+            if req is not None:
+                requests.append(req)
+    if problems:
+        raise InputFileError(problems)
+    if not requests:
+        raise UsageError(f"{path}: no edit requests found")
+    ids = [r.id for r in requests]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UsageError(f"{path}: duplicate id '{dup}' (expected unique ids)")
+    return requests
+
+
+def dump_jsonl(requests: list[EditRequest]) -> str:
+    return "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in requests)

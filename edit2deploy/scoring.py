@@ -1,0 +1,133 @@
+"""The `Scorer` protocol and its torch implementation.
+
+Every check (facts, verification, survival) is written once against `Scorer`; each runtime
+(torch, llama.cpp, onnxruntime, bitsandbytes) implements it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Teacher-forced scores of one continuation after one prompt."""
+
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # log p(target token i | prompt, target[:i])
+    greedy_ids: tuple[int, ...]  # argmax at each of those positions
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean(self) -> float:
+        """Mean per-token log-prob (ROME/MEMIT's CounterFact comparison)."""
+        return self.total / max(1, len(self.logprobs))
+
+    @property
+    def greedy_matches(self) -> bool:
+        """Greedy decoding would produce exactly the target tokens."""
+        return tuple(self.greedy_ids) == tuple(self.target_ids)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Teacher-forced per-token log-probs of continuations, plus greedy ids, in one runtime."""
+
+    name: str
+
+    def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Prompt ids (with the runtime's BOS handling) and continuation ids (no special tokens)."""
+        ...
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        """Score each (prompt, continuation) pair."""
+        ...
+
+
+def hf_tokenize(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Prompt with the tokenizer's own special tokens (BOS where the model wants one); continuation bare."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not cont_ids:
+        raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
+    return list(prompt_ids), list(cont_ids)
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Pad id lists into (input_ids, attention_mask, position_ids, offsets).
+
+    `offsets[i]` is where sequence i starts in its row (non-zero for left padding). Positions come
+    from the mask, so left- and right-padded batches give the same logits as unpadded ones.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for i, s in enumerate(seqs):
+        start = width - len(s) if side == "left" else 0
+        ids[i, start : start + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, start : start + len(s)] = 1
+        offsets.append(start)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, offsets
+
+
+class TorchScorer:
+    """Scores with a (Hugging Face) torch model, batched."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, padding_side: str = "right"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.padding_side = padding_side
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
+
+    def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        return hf_tokenize(self.tokenizer, prompt, continuation)
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        tokenized = [self.tokenize(p, c) for p, c in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(tokenized[i][0]) + len(tokenized[i][1])))
+        out: list[Scored | None] = [None] * len(pairs)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            seqs = [tokenized[i][0] + tokenized[i][1][:-1] for i in chunk]
+            ids, mask, pos, offsets = pad_batch(seqs, self.pad_id, self.padding_side)
+            logits = self.model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+            ).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, i in enumerate(chunk):
+                p_ids, c_ids = tokenized[i]
+                first = offsets[row] + len(p_ids) - 1
+                steps = torch.arange(first, first + len(c_ids), device=device)
+                rows = logp[row, steps]
+                target = torch.tensor(c_ids, device=device)
+                lp = rows.gather(-1, target[:, None])[:, 0]
+                out[i] = Scored(
+                    prompt_ids=tuple(p_ids),
+                    target_ids=tuple(c_ids),
+                    logprobs=tuple(float(x) for x in lp),
+                    greedy_ids=tuple(int(x) for x in rows.argmax(-1)),
+                )
+        return out  # type: ignore[return-value]
+
+
+def prob(logprob: float) -> float:
+    return math.exp(logprob)
