@@ -39,7 +39,9 @@ class Architecture:
         """Default edited layers: the table entry, or a window at ~15-30% depth (MEMIT's region)."""
         if num_layers in self.default_layers:
             return self.default_layers[num_layers]
-        start = max(1, round(num_layers * 0.15))
+        if num_layers < 1:
+            raise ValueError(f"a model needs at least one layer, got {num_layers}")
+        start = min(max(1, round(num_layers * 0.15)), num_layers - 1)  # 1 layer: edit layer 0
         stop = max(start + 1, round(num_layers * 0.3))
         return tuple(range(start, min(stop, num_layers)))
 
@@ -56,7 +58,7 @@ class Architecture:
         return w.T if self.transposed else w
 
 
-_LLAMA_LIKE = dict(layers="model.layers", mlp_out="model.layers.{}.mlp.down_proj")
+_LLAMA_LIKE = {"layers": "model.layers", "mlp_out": "model.layers.{}.mlp.down_proj"}
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
@@ -97,3 +99,12 @@ def architecture_for(model_type: str) -> Architecture:
     raise UsageError(
         f"unsupported architecture '{model_type}': supported model types are {', '.join(supported_model_types())}"
     )
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states through the model's own head (tied embeddings, soft-capping)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -9,17 +9,55 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+TEMP_MARK = ".tmp-"
+
 
 def _temp_sibling(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False  # no such process (or not a possible pid)
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return pid > 0
+
+
+def remove_stale_temps(final: Path | str) -> list[Path]:
+    """Delete temp siblings of `final` left by processes that died mid-write; return what was removed.
+
+    Temps of live processes (another run writing the same output right now) are left alone.
+    """
+    final = Path(final)
+    removed = []
+    prefix = f".{final.name}{TEMP_MARK}"
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid_text = p.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `final`; rename it to `final` if the block succeeds.
 
-    With `replace=True` an existing `final` is swapped out (moved aside, then deleted) only after
-    the new one is complete, so a crash never leaves neither.
+    With `replace=True` an existing `final` is moved aside, the new one renamed in, and the old one
+    deleted; if renaming the new one in fails, the old one is put back. A failed block leaves
+    `final` untouched and removes the temporary directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -27,12 +65,21 @@ def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if final.exists() or final.is_symlink():
             if not replace:
                 raise FileExistsError(f"{final} already exists")
             old = _temp_sibling(final)
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rename(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)

@@ -82,7 +82,165 @@ def cmd_facts(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable, ...] = (_add_facts,)
+# ---------------------------------------------------------------- edit
+def _add_edit(sub) -> Callable:
+    p = sub.add_parser("edit", help="apply an edit file to a model; writes a patched HF directory + ledger")
+    p.add_argument("--model", required=True, help="HF directory (or an earlier edit's --out), .gguf, or built-in name")
+    p.add_argument("--edits", required=True, help="edit file: .jsonl (ours) or CounterFact/EasyEdit .json")
+    p.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    p.add_argument("--method", default=None, help="default | alphaedit | encore | memit (default: default)")
+    p.add_argument("--layers", default=None, help="edited layers, e.g. 4-8 or 4,5,6 (default: per architecture)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequential batches of this size (default: all at once)")
+    p.add_argument("--corpus", default=None, help="text file or directory for key statistics (default: model-generated)")
+    p.add_argument("--n-tokens", type=int, default=None, help="tokens of statistics corpus (default 100,000)")
+    p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
+    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    return cmd_edit
+
+
+def _edit_config(args: argparse.Namespace):
+    from .config import edit_config_from, load_toml, parse_layers
+    from .methods import EditConfig
+
+    cfg = EditConfig()
+    if args.config:
+        data = load_toml(args.config)
+        unknown = set(data) - {"edit", "run"}
+        if unknown:
+            raise UsageError(f"{args.config}: unknown table(s) {sorted(unknown)} (expected [edit])")
+        cfg = edit_config_from(data.get("edit", {}), args.config, cfg)
+    overrides = {}
+    if args.method:
+        overrides["method"] = args.method
+    if args.layers:
+        overrides["layers"] = ",".join(map(str, parse_layers(args.layers)))
+    return edit_config_from(overrides, "command line", cfg) if overrides else cfg
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .editing import edit_model
+
+    run = edit_model(
+        args.model, args.edits, args.out, cfg=_edit_config(args), batch_size=args.batch_size,
+        corpus=args.corpus, n_tokens=args.n_tokens, device=args.device, force=args.force,
+        limit=args.limit, quiet=args.quiet,
+    )
+    n = sum(len(b["requests"]) for b in run.batches)
+    summary = {
+        "out": str(run.out) if run.out else None,
+        "batches": [{"id": b["id"], "requests": len(b["requests"]), "seconds": b["seconds"], "timings": b["timings"],
+                     "fro_from_original": {k: v["fro_from_original"] for k, v in b["tensors"].items()}}
+                    for b in run.batches],
+        "edits": n,
+        "seconds": round(run.seconds, 2),
+        "stats_seconds": round(run.stats_seconds, 2),
+        "failed": run.failed,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        rows = [[b["id"], len(b["requests"]), f"{b['seconds']:.1f}",
+                 " ".join(f"{k}={v:.1f}" for k, v in b["timings"].items()),
+                 " ".join(f"{v['fro_from_original']:.2f}" for v in b["tensors"].values())] for b in run.batches]
+        print_table(["batch", "edits", "seconds", "phases (s)", "‖W−W0‖_F per layer"], rows)
+        if n:
+            print(f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)")
+        if run.out:
+            print(f"wrote {run.out}")
+    if run.failed:
+        print(f"edit2deploy: batch {run.failed['batch']} was not applied: {run.failed['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- stats
+def _add_stats(sub) -> Callable:
+    p = sub.add_parser("stats", help="precompute key statistics (C = E[k kᵀ]) for the edited layers")
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", default=None, help="text file or directory (default: model-generated text)")
+    p.add_argument("--n-tokens", type=int, default=None, help="default 100,000")
+    p.add_argument("--layers", default=None, help="default: the architecture's edited layers")
+    p.add_argument("--device", default="cpu")
+    return cmd_stats
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from .config import parse_layers
+    from .models import open_model, weights_fingerprint
+    from .stats import DEFAULT_N_TOKENS, corpus_from_path, key_stats
+
+    lm = open_model(args.model, device=args.device)
+    layers = parse_layers(args.layers) if args.layers else lm.arch.layers_for(lm.num_layers)
+    corpus = corpus_from_path(args.corpus)
+    t = time.perf_counter()
+    stats = key_stats(lm, layers, weights_fingerprint(lm.model_dir), corpus, args.n_tokens or DEFAULT_N_TOKENS,
+                      quiet=args.quiet)
+    print_table(["layer", "d_in", "tokens"], [[li, s.C.shape[0], s.n_tokens] for li, s in stats.items()])
+    print(f"\nstatistics for layers {list(layers)} ready in {time.perf_counter() - t:.1f} s (corpus {corpus.id})")
+    return 0
+
+
+# ---------------------------------------------------------------- rollback / log
+def _add_rollback(sub) -> Callable:
+    p = sub.add_parser("rollback", help="undo edit batches exactly (bit for bit)")
+    p.add_argument("--model", required=True, help="an edited model directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--last", type=int, help="undo the last N batches")
+    g.add_argument("--batch", help="undo one named batch (see `edit2deploy log`)")
+    p.add_argument("--out", default=None, help="write the result here instead of in place")
+    return cmd_rollback
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .ledger import rollback
+
+    res = rollback(args.model, last=args.last, batch=args.batch, out=args.out)
+    verified = [v for v in res["verified"].values() if v is not None]
+    print(f"removed {', '.join(res['removed'])}; active now: {', '.join(res['kept']) or 'none (original weights)'}")
+    if verified:
+        print(f"{sum(verified)}/{len(verified)} edited tensors match their recorded SHA-256 bit for bit")
+    else:
+        print("restored state was never recorded (a batch in the middle was removed); not hash-checked")
+    return 0
+
+
+def _add_log(sub) -> Callable:
+    p = sub.add_parser("log", help="list the edit ledger of an edited model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    return cmd_log
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+
+    ledger = Ledger.load(args.model)
+    if ledger is None:
+        raise UsageError(f"{args.model}: no edit ledger (not written by `edit2deploy edit`)")
+    if args.json:
+        print(json.dumps({"state": ledger.state, "records": ledger.records}, indent=1))
+        return 0
+    active = set(ledger.active_batches)
+    rows = []
+    for r in ledger.records:
+        if r.get("type") == "batch":
+            norms = " ".join(f"{v['fro_from_original']:.2f}" for v in r["tensors"].values())
+            rows.append([r["id"], "active" if r["id"] in active else "rolled back", r["time"], r["method"],
+                         len(r["requests"]), f"{r['seconds']:.1f}", norms])
+        else:
+            rows.append([r.get("type"), "", r.get("time", ""), "", "", "", json.dumps({k: v for k, v in r.items()
+                                                                                     if k not in ("type", "time")})])
+    print(f"base model: {ledger.state['base_model']}   edited tensors: {len(ledger.state['edited_tensors'])}")
+    print_table(["batch", "status", "time", "method", "edits", "seconds", "‖W−W0‖_F per layer"], rows)
+    return 0
+
+
+COMMANDS: tuple[Callable, ...] = (_add_facts, _add_edit, _add_stats, _add_rollback, _add_log)
 
 
 def build_parser() -> argparse.ArgumentParser:

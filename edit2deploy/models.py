@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .arch import Architecture, architecture_for
-from .atomic import atomic_dir
+from .atomic import atomic_dir, remove_stale_temps
 from .errors import UsageError
 
 
@@ -102,7 +102,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as exc:
-        raise UsageError(f"{gguf_path}: cannot read as a GGUF model ({exc})") from exc
+        raise UsageError(f"{gguf_path}: cannot read as a GGUF model ({_first_line(exc)})") from exc
     config = quantized.config
     architecture_for(config.model_type)  # fail early on families we cannot edit
     # The loaded model still carries its GGUF quantization config; rebuild a plain one.
@@ -116,21 +116,37 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and clean.tie_word_embeddings)]
     if missing or unexpected:
-        raise UsageError(f"{gguf_path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UsageError(
+            f"{gguf_path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
 def _converted_dir(gguf_path: Path, label: str) -> Path:
-    """Convert a .gguf once into the cache (keyed by the file's SHA-256) and return the directory."""
+    """Convert a .gguf once into the cache (keyed by the file's SHA-256) and return the directory.
+
+    Only a directory holding the marker (written last) counts as converted; a directory without it
+    is replaced, and temporary directories left by interrupted conversions are deleted.
+    """
     digest = file_sha256(gguf_path)
     final = cache_root() / "models" / f"{label}-{digest[:16]}"
     if (final / MARKER).is_file():
         return final
-    with atomic_dir(final, replace=True) as tmp:
-        convert_gguf_to_hf(gguf_path, tmp)
-        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=1))
+    remove_stale_temps(final)
+    try:
+        with atomic_dir(final, replace=True) as tmp:
+            convert_gguf_to_hf(gguf_path, tmp)
+            (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=1))
+            if (final / MARKER).is_file():  # another run finished the same conversion meanwhile
+                raise _AlreadyConverted
+    except _AlreadyConverted:
+        pass
     return final
+
+
+class _AlreadyConverted(Exception):
+    """Internal: a concurrent run completed the cache entry first; keep theirs (it may be in use)."""
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
@@ -140,7 +156,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
         builtin = BUILTIN_MODELS[text]
         return _converted_dir(builtin_gguf_path(builtin), builtin.name)
     path = Path(text).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and _is_gguf_name(path):
         return _converted_dir(path.resolve(), path.stem)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -154,13 +170,17 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
     )
 
 
+def _is_gguf_name(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
 def source_gguf(spec: str | os.PathLike) -> Path | None:
     """The .gguf a model spec came from, if any (patch-mode export uses it)."""
     text = str(spec)
     if text in BUILTIN_MODELS:
         return builtin_gguf_path(BUILTIN_MODELS[text])
-    path = Path(text)
-    return path if path.is_file() and path.suffix == ".gguf" else None
+    path = Path(text).expanduser()
+    return path if path.is_file() and _is_gguf_name(path) else None
 
 
 @dataclass
@@ -178,11 +198,25 @@ class LoadedModel:
         return self.model.config.get_text_config().num_hidden_layers
 
 
+def _first_line(exc: BaseException) -> str:
+    """A library's exception text cut to its first line (our errors are one line)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0].rstrip(":") if lines else type(exc).__name__
+
+
 def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
     try:
-        return json.loads((model_dir / "config.json").read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{model_dir / 'config.json'}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        raise UsageError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def open_model(
@@ -191,16 +225,31 @@ def open_model(
     """Load a model for editing/scoring (float32 by default: edits are applied in full precision)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device: unknown device '{device}' (expected cpu, cuda or cuda:N)") from exc
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
-    arch = architecture_for(config.get("model_type", "<missing model_type>"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+    try:
+        arch = architecture_for(str(config.get("model_type", "<missing model_type>")))
+    except UsageError as exc:
+        raise UsageError(f"{model_dir}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        raise UsageError(
+            f"{model_dir}: cannot load the tokenizer (expected tokenizer.json or the family's tokenizer files; "
+            f"{_first_line(exc)})"
+        ) from exc
+    try:
+        # safetensors only: never unpickle a pytorch_model.bin (the design's rule for weights)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:  # no or unreadable weights, bad config values
+        raise UsageError(f"{model_dir}: cannot load the model weights ({_first_line(exc)})") from exc
+    model = model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, model_dir=model_dir, spec=str(spec))

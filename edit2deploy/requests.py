@@ -7,7 +7,7 @@ expected; all problems of a file are collected before raising, so one run shows 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputFileError, InputProblem, UsageError
@@ -54,6 +54,7 @@ class _Checker:
 
     def __init__(self, file: str, index: int, kind: str, problems: list[InputProblem]):
         self.file, self.index, self.kind, self.problems = file, index, kind, problems
+        self.id_field = "id"  # the field holding the record's id ("case_id" in CounterFact)
 
     def bad(self, field_name: str | None, message: str) -> None:
         self.problems.append(InputProblem(self.file, self.index, field_name, message, self.kind))
@@ -66,7 +67,7 @@ class _Checker:
             return None
         value = rec[key]
         if not isinstance(value, str):
-            self.bad(label, f"expected a string, got {type(value).__name__}")
+            self.bad(label, f"expected a string, got {_json_kind(value)}")
             return None
         if not value.strip():
             self.bad(label, "empty (expected a non-empty string)")
@@ -82,7 +83,10 @@ def _normalise_prompt(chk: _Checker, prompt: str, subject: str, label: str = "pr
             return None
         return prompt
     if subject not in prompt:
-        chk.bad(label, f"subject '{subject}' does not occur in the prompt (expected it, or a \"{{}}\" placeholder)")
+        chk.bad(
+            label,
+            f"subject '{subject}' does not occur in the prompt (expected it, or a \"{{}}\" placeholder)",
+        )
         return None
     return prompt.replace(subject, "{}", 1)
 
@@ -99,6 +103,26 @@ def _strings(chk: _Checker, rec: dict, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _fill_paraphrases(paraphrases: tuple[str, ...], subject: str) -> tuple[str, ...]:
+    """Paraphrases may name the subject with "{}" like the prompt does; fill it in."""
+    return tuple(p.replace("{}", subject) for p in paraphrases)
+
+
+def _record_id(chk: _Checker, rec: dict, key: str, default_id: str) -> str:
+    """A record's id: a non-empty string or an integer; absent or null means `default_id`."""
+    chk.id_field = key
+    value = rec.get(key)
+    if value is None:
+        return default_id
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        chk.bad(key, f"expected a string or an integer, got {_json_kind(value)}")
+        return default_id
+    if isinstance(value, str) and not value.strip():
+        chk.bad(key, "empty (expected a non-empty string or an integer)")
+        return default_id
+    return str(value)
+
+
 def _neighbors(chk: _Checker, value) -> tuple[Neighbor, ...]:
     if value is None:
         return ()
@@ -107,9 +131,20 @@ def _neighbors(chk: _Checker, value) -> tuple[Neighbor, ...]:
         chk.bad("neighborhood", 'expected a list of {"prompt": ..., "answer": ...} objects')
         return ()
     for i, item in enumerate(value):
-        if not (isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("answer"), str)
-                and item["prompt"].strip() and item["answer"].strip()):
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("prompt"), str)
+            and isinstance(item.get("answer"), str)
+            and item["prompt"].strip()
+            and item["answer"].strip()
+        ):
             chk.bad(f"neighborhood[{i}]", 'expected {"prompt": "<non-empty>", "answer": "<non-empty>"}')
+            continue
+        if "{}" in item["prompt"]:
+            chk.bad(
+                f"neighborhood[{i}]",
+                'prompt contains "{}" (expected a complete prompt about another subject)',
+            )
             continue
         out.append(Neighbor(item["prompt"], item["answer"]))
     return tuple(out)
@@ -124,6 +159,7 @@ def _finish(chk: _Checker, prompt, subject, target_new, target_true, paraphrases
         return None
     if prompt is None:
         return None
+    paraphrases = _fill_paraphrases(paraphrases, subject)
     return EditRequest(prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
 
 
@@ -137,7 +173,7 @@ def parse_jsonl_record(rec: dict, chk: _Checker, default_id: str) -> EditRequest
     target_true = chk.string(rec, "target_true", required=False)
     paraphrases = _strings(chk, rec, "paraphrases")
     neighborhood = _neighbors(chk, rec.get("neighborhood"))
-    rid = str(rec.get("id", default_id))
+    rid = _record_id(chk, rec, "id", default_id)
     return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
 
 
@@ -156,8 +192,10 @@ def parse_easyedit_record(rec: dict, chk: _Checker) -> EditRequest | None:
         if isinstance(loc_p, str) and isinstance(loc_a, str) and loc_p.strip() and loc_a.strip():
             neighborhood = (Neighbor(loc_p, loc_a),)
         else:
-            chk.bad("locality_prompt", "expected non-empty strings in locality_prompt and locality_ground_truth")
-    rid = str(rec.get("case_id", chk.index))
+            chk.bad(
+                "locality_prompt", "expected non-empty strings in locality_prompt and locality_ground_truth"
+            )
+    rid = _record_id(chk, rec, "case_id", str(chk.index))
     return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
 
 
@@ -170,11 +208,20 @@ def parse_rome_record(rec: dict, chk: _Checker) -> EditRequest | None:
     prompt = chk.string(rw, "prompt", label="requested_rewrite.prompt")
     subject = chk.string(rw, "subject", label="requested_rewrite.subject")
     tn, tt = rw.get("target_new"), rw.get("target_true")
-    target_new = chk.string(tn if isinstance(tn, dict) else {}, "str", label="requested_rewrite.target_new.str")
-    target_true = chk.string(tt if isinstance(tt, dict) else {}, "str", required=False)
+    target_new = chk.string(
+        tn if isinstance(tn, dict) else {}, "str", label="requested_rewrite.target_new.str"
+    )
+    target_true = chk.string(
+        tt if isinstance(tt, dict) else {}, "str", required=False, label="requested_rewrite.target_true.str"
+    )
     paraphrases = _strings(chk, rec, "paraphrase_prompts")
-    neighborhood = tuple(Neighbor(p, target_true) for p in _strings(chk, rec, "neighborhood_prompts")) if target_true else ()
-    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, str(rec.get("case_id", chk.index)))
+    neighborhood = (
+        tuple(Neighbor(p, target_true) for p in _strings(chk, rec, "neighborhood_prompts"))
+        if target_true
+        else ()
+    )
+    rid = _record_id(chk, rec, "case_id", str(chk.index))
+    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
 
 
 def _read_text(path: Path) -> str:
@@ -183,7 +230,7 @@ def _read_text(path: Path) -> str:
     if path.is_dir():
         raise UsageError(f"{path}: is a directory (expected a .jsonl or .json file)")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not an error
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     except OSError as exc:
@@ -191,24 +238,37 @@ def _read_text(path: Path) -> str:
 
 
 def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
-    """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit or ROME)."""
+    """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit or ROME).
+
+    `offset` skips that many records, `limit` (None: all) keeps at most that many after it.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"--limit: expected a positive integer, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise UsageError(f"offset: expected a non-negative integer, got {offset!r}")
     path = Path(path)
     text = _read_text(path)
     problems: list[InputProblem] = []
     requests: list[EditRequest] = []
+    where: list[_Checker] = []  # where each accepted request came from (for duplicate-id reports)
     name = str(path)
     stripped = text.lstrip()
-    if path.suffix == ".json" or stripped.startswith("["):
+    if path.suffix.lower() == ".json" or stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InputFileError([InputProblem(name, exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})")]) from exc
+            raise InputFileError(
+                [InputProblem(name, exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})")]
+            ) from exc
         if not isinstance(data, list):
-            raise InputFileError([InputProblem(name, None, None, "expected a JSON array of records")])
-        for i, rec in enumerate(data[offset: offset + limit if limit else None], start=offset):
+            raise InputFileError(
+                [InputProblem(name, None, None, f"expected a JSON array of records, got {_json_kind(data)}")]
+            )
+        stop = None if limit is None else offset + limit
+        for i, rec in enumerate(data[offset:stop], start=offset):
             chk = _Checker(name, i, "record", problems)
             if not isinstance(rec, dict):
-                chk.bad(None, f"expected an object, got {type(rec).__name__}")
+                chk.bad(None, f"expected an object, got {_json_kind(rec)}")
                 continue
             if "requested_rewrite" in rec:
                 req = parse_rome_record(rec, chk)
@@ -218,6 +278,7 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
                 req = parse_jsonl_record(rec, chk, str(i))
             if req is not None:
                 requests.append(req)
+                where.append(chk)
     else:
         seen = 0
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -235,20 +296,45 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
                 chk.bad(None, f"malformed JSON: {exc.msg} (column {exc.colno})")
                 continue
             if not isinstance(rec, dict):
-                chk.bad(None, f"expected a JSON object, got {type(rec).__name__}")
+                chk.bad(None, f"expected a JSON object, got {_json_kind(rec)}")
                 continue
             req = parse_jsonl_record(rec, chk, str(lineno))
             if req is not None:
                 requests.append(req)
+                where.append(chk)
+    first_seen: dict[str, _Checker] = {}
+    for req, chk in zip(requests, where):
+        if req.id in first_seen:
+            prev = first_seen[req.id]
+            prev_where = f"line {prev.index}" if prev.kind == "line" else f"record {prev.index}"
+            chk.bad(
+                chk.id_field, f"duplicate id '{req.id}' (first used at {prev_where}; expected unique ids)"
+            )
+        else:
+            first_seen[req.id] = chk
     if problems:
+        problems.sort(key=lambda p: p.line if p.line is not None else -1)
         raise InputFileError(problems)
     if not requests:
         raise UsageError(f"{path}: no edit requests found")
-    ids = [r.id for r in requests]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UsageError(f"{path}: duplicate id '{dup}' (expected unique ids)")
     return requests
+
+
+def _json_kind(value) -> str:
+    """JSON's name for a parsed value's type (what the user wrote, not Python's name)."""
+    if value is None:
+        return "null"
+    for kind, name in (
+        (bool, "true/false"),
+        (str, "a string"),
+        (int, "a number"),
+        (float, "a number"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def dump_jsonl(requests: list[EditRequest]) -> str:

@@ -57,6 +57,8 @@ def hf_tokenize(tokenizer, prompt: str, continuation: str) -> tuple[list[int], l
     """Prompt with the tokenizer's own special tokens (BOS where the model wants one); continuation bare."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:  # no BOS and an empty prompt: nothing to condition the first token on
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
     if not cont_ids:
         raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
     return list(prompt_ids), list(cont_ids)
@@ -70,6 +72,8 @@ def pad_batch(
     `offsets[i]` is where sequence i starts in its row (non-zero for left padding). Positions come
     from the mask, so left- and right-padded batches give the same logits as unpadded ones.
     """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -89,6 +93,8 @@ class TorchScorer:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -110,7 +116,10 @@ class TorchScorer:
             seqs = [tokenized[i][0] + tokenized[i][1][:-1] for i in chunk]
             ids, mask, pos, offsets = pad_batch(seqs, self.pad_id, self.padding_side)
             logits = self.model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=pos.to(device),
+                use_cache=False,  # one teacher-forced pass; a KV cache would only cost memory
             ).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
             for row, i in enumerate(chunk):

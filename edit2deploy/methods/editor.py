@@ -1,0 +1,164 @@
+"""Applying a batch of edits: keys → target values → per-layer spread and solve (DESIGN.md steps 1-6).
+
+A batch applies completely or not at all: if any layer's solve is not finite, every tensor the
+batch touched is restored before the error propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from ..errors import NonFiniteUpdateError, UsageError
+from ..models import LoadedModel
+from ..requests import EditRequest
+from .keys import context_templates, keys_and_outputs
+from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
+from .values import ValueHParams, optimise_values
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Hyperparameters of an edit run (defaults from DESIGN.md; per-architecture layers in arch.py)."""
+
+    method: str = "default"
+    layers: tuple[int, ...] = ()  # empty: the architecture's default
+    lambda_p: float = 15_000.0  # weight of the preserved-key covariance C
+    lambda_n: float = 15.0  # ENCORE's Frobenius-norm weight
+    alpha: float = 10.0  # AlphaEdit's α (a Frobenius penalty on the projected update)
+    tau: float = 2e-2  # null-space threshold on the normalised covariance (eigenvalue / λ_max)
+    values: ValueHParams = field(default_factory=ValueHParams)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerState:
+    """Method state of one edited layer, persisted next to the patched model."""
+
+    KpKpT: torch.Tensor  # Σ over earlier batches of K Kᵀ (float64)
+    null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry: how a method solves for ΔW and which state it uses."""
+
+    name: str
+    solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg) -> ΔW (d_out, d_in) float64
+    mpes: bool
+    uses_projector: bool = False
+    description: str = ""
+
+
+def _memit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+    return memit_update(K, R, C, cfg.lambda_p)
+
+
+def _encore(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+    return encore_update(K, R, C, state.KpKpT, cfg.lambda_p, cfg.lambda_n)
+
+
+def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+    return alphaedit_update(K, R, projector(state.null_basis), state.KpKpT, cfg.alpha)
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("memit", _memit, mpes=False, description="MEMIT: R Kᵀ (λ_p C + K Kᵀ)⁻¹"),
+        MethodSpec("alphaedit", _alphaedit, mpes=False, uses_projector=True,
+                   description="AlphaEdit: null-space projected solve with previous keys"),
+        MethodSpec("encore", _encore, mpes=True, description="ENCORE: MPES + Frobenius-norm term + previous keys"),
+        MethodSpec("default", _alphaedit, mpes=True, uses_projector=True,
+                   description="AlphaEdit's null-space solve + ENCORE's MPES (α acts as the norm weight)"),
+    )
+}
+
+
+@dataclass
+class BatchReport:
+    """What one applied batch did (goes into the ledger)."""
+
+    deltas: dict[int, torch.Tensor]  # layer -> ΔW as applied (stored layout, float32)
+    keys: dict[int, torch.Tensor]  # layer -> K (d_in, n) float64
+    steps: list[int]
+    converged: list[bool]
+    timings: dict[str, float]
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise UsageError(f"unknown method '{name}' (expected one of: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+class Editor:
+    """Applies batches of requests to a loaded model, keeping method state between batches."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cfg: EditConfig,
+        stats: dict[int, torch.Tensor],
+        prefixes: Sequence[str],
+        state: dict[int, LayerState] | None = None,
+        quiet: bool = False,
+    ):
+        self.lm, self.cfg, self.quiet = lm, cfg, quiet
+        self.spec = method_spec(cfg.method)
+        self.layers = tuple(sorted(cfg.layers or lm.arch.layers_for(lm.num_layers)))
+        bad = [li for li in self.layers if not 0 <= li < lm.num_layers]
+        if bad:
+            raise UsageError(f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
+        self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=self.spec.mpes))
+        self.C = stats
+        self.templates = context_templates(prefixes)
+        self.state = state or {}
+        for li in self.layers:
+            if li not in self.state:
+                d_in = stats[li].shape[0]
+                self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
+            if self.spec.uses_projector and self.state[li].null_basis is None:
+                self.state[li].null_basis = null_space_basis(stats[li], cfg.tau)
+
+    def apply_batch(self, requests: Sequence[EditRequest]) -> BatchReport:
+        lm, arch, cfg = self.lm, self.lm.arch, self.cfg
+        timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
+        t0 = time.perf_counter()
+        values = optimise_values(lm, requests, self.templates, self.layers[-1], cfg.values, quiet=self.quiet)
+        timings["z"] = time.perf_counter() - t0
+        originals = {li: arch.get_weight(lm.model, li).detach().clone() for li in self.layers}
+        deltas: dict[int, torch.Tensor] = {}
+        keys: dict[int, torch.Tensor] = {}
+        try:
+            for i, li in enumerate(self.layers):
+                t = time.perf_counter()
+                K, cur_z = keys_and_outputs(lm, requests, self.templates, li, self.layers[-1])
+                timings["keys"] += time.perf_counter() - t
+                t = time.perf_counter()
+                R = (values.z.to(cur_z.device) - cur_z) / (len(self.layers) - i)
+                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg)
+                if not torch.isfinite(dW).all():
+                    raise NonFiniteUpdateError(
+                        f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"
+                    )
+                W = arch.get_weight(lm.model, li)
+                applied = arch.from_out_in(dW).to(W.dtype).to(W.device).contiguous()
+                with torch.no_grad():
+                    W.add_(applied)
+                deltas[li] = applied.cpu()
+                keys[li] = K.cpu()
+                timings["solve"] += time.perf_counter() - t
+        except BaseException:
+            with torch.no_grad():
+                for li, w0 in originals.items():
+                    arch.get_weight(lm.model, li).copy_(w0)
+            raise
+        for li in self.layers:  # previous keys of this batch join the method state
+            self.state[li].KpKpT += keys[li] @ keys[li].T
+        return BatchReport(deltas, keys, values.steps, values.converged, timings)

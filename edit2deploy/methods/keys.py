@@ -1,0 +1,127 @@
+"""Keys: the edited projection's input at the subject's last token (DESIGN.md step 1).
+
+k = ½·k(bare prompt) + ½·mean(k over the prompt behind each generated prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..forward import StopForward, run_until_stop
+from ..models import LoadedModel
+from ..requests import EditRequest
+from ..scoring import pad_batch
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def generate_prefixes(
+    lm: LoadedModel, n_tokens: int = 10, seeds: Sequence[str] = PREFIX_SEEDS, seed: int = 0
+) -> list[str]:
+    """Short top-k (5) samples from a few seed words, as MEMIT does; each becomes a prefix ("<prefix>. ").
+
+    Sampled with a fixed seed (greedy decoding from one word degenerates on small models). They are
+    stored with the method state so later batches use the same contexts.
+    """
+    tok, model = lm.tokenizer, lm.model
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for i, word in enumerate(seeds):
+        enc = tok(word, return_tensors="pt").to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            ids = model.generate(
+                **enc, do_sample=True, top_k=5, max_new_tokens=n_tokens - 1, pad_token_id=pad
+            )
+        text = tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = " ".join((word + text).replace("{", " ").replace("}", " ").split())
+        out.append(text)
+    return out
+
+
+def context_templates(prefixes: Sequence[str]) -> list[str]:
+    """"{}" (the bare prompt) first, then one template per prefix."""
+    return ["{}"] + [p + ". {}" for p in prefixes]
+
+
+@dataclass(frozen=True)
+class Located:
+    """A tokenized context with the index of the subject's last token."""
+
+    ids: list[int]
+    subject_last: int
+
+
+def locate_subject(tokenizer, text: str, subject_start: int, subject_end: int) -> Located:
+    """Tokenize `text` (with the model's special tokens) and find the last token overlapping the subject.
+
+    Uses character offsets, so it works whether or not the tokenizer prepends BOS and however the
+    subject's first/last characters merge with their neighbours.
+    """
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    last = None
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and s < subject_end and e > subject_start:
+            last = i
+    if last is None:
+        raise ValueError(f"subject span {subject_start}:{subject_end} not found in tokens of {text!r}")
+    return Located(list(enc["input_ids"]), last)
+
+
+def locate_in_template(tokenizer, template: str, request: EditRequest) -> Located:
+    """The request's prompt placed in a context template, with its subject located."""
+    prefix = template[: template.index("{}")]
+    text = template.replace("{}", request.text, 1)
+    start = len(prefix) + request.prompt.index("{}")
+    return locate_subject(tokenizer, text, start, start + len(request.subject))
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pid if pid is not None else 0
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], layer: int, z_layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the block output at `z_layer` (d, n)
+    at the subject's last token of the bare prompt. One padded forward pass."""
+    tok, model, arch = lm.tokenizer, lm.model, lm.arch
+    device = next(model.parameters()).device
+    located = [locate_in_template(tok, t, r) for r in requests for t in templates]
+    ids, mask, pos, offsets = pad_batch([x.ids for x in located], pad_id(tok), "right")
+    rows = torch.arange(len(located))
+    cols = torch.tensor([o + x.subject_last for o, x in zip(offsets, located)])
+    captured: dict[str, torch.Tensor] = {}
+
+    def key_hook(_m, inputs):
+        captured["k"] = inputs[0][rows, cols].double()
+
+    def out_hook(_m, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        captured["h"] = h[rows, cols].double()
+        raise StopForward
+
+    handles = [
+        model.get_submodule(arch.mlp_out_name(layer)).register_forward_pre_hook(key_hook),
+        model.get_submodule(arch.block_name(z_layer)).register_forward_hook(out_hook),
+    ]
+    try:
+        # Nothing above the z layer matters here: stop the forward pass there.
+        run_until_stop(
+            model.base_model, input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    n_t = len(templates)
+    k = captured["k"].reshape(len(requests), n_t, -1)
+    keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if n_t > 1 else k[:, 0]
+    h = captured["h"].reshape(len(requests), n_t, -1)[:, 0]
+    return keys.T.contiguous(), h.T.contiguous()

@@ -1,0 +1,58 @@
+"""Closed-form weight updates, one function per equation (DESIGN.md "Editing algorithm" step 5).
+
+Shapes: K (d_in, n) keys of this batch, R (d_out, n) residuals, C (d_in, d_in) = E[k kᵀ],
+KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector.
+All arithmetic in float64 with `torch.linalg.solve`; no explicit inverse is formed.
+The solves are written for ΔWᵀ, using symmetry of the bracketed matrices:
+R Kᵀ A⁻¹ = (A⁻¹ K Rᵀ)ᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f64(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(torch.float64) for t in ts]
+
+
+def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lambda_p: float) -> torch.Tensor:
+    """MEMIT:  ΔW = R Kᵀ (λ_p C + K Kᵀ)⁻¹."""
+    K, R, C = _f64(K, R, C)
+    A = lambda_p * C + K @ K.T
+    return torch.linalg.solve(A, K @ R.T).T
+
+
+def encore_update(
+    K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, KpKpT: torch.Tensor, lambda_p: float, lambda_n: float
+) -> torch.Tensor:
+    """ENCORE:  ΔW = R Kᵀ (λ_p C + λ_n I + Kp Kpᵀ + K Kᵀ)⁻¹  (λ_n‖ΔW‖²_F keeps the norm from growing)."""
+    K, R, C, KpKpT = _f64(K, R, C, KpKpT)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    A = lambda_p * C + lambda_n * eye + KpKpT + K @ K.T
+    return torch.linalg.solve(A, K @ R.T).T
+
+
+def alphaedit_update(
+    K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, KpKpT: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹.
+
+    Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
+    """
+    K, R, P, KpKpT = _f64(K, R, P, KpKpT)
+    eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
+    A = P @ KpKpT + P @ (K @ K.T) + alpha * eye
+    return torch.linalg.solve(A, P @ K @ R.T).T
+
+
+def null_space_basis(C: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eigenvectors of C whose eigenvalue is < τ · λ_max (the directions preserved knowledge barely uses)."""
+    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
+    keep = evals / evals.max() < tau
+    return evecs[:, keep]
+
+
+def projector(U: torch.Tensor) -> torch.Tensor:
+    """P = U Uᵀ: orthogonal projector onto span(U)."""
+    return U @ U.T

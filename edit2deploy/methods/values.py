@@ -1,0 +1,275 @@
+"""Target values z: one δ per request at the last edited layer's block output (DESIGN.md steps 2-3).
+
+All requests of a batch are optimised together: one padded forward/backward per step over every
+(request, context) row, rows grouped into a few length buckets so padding stays small. A request
+that is done (MPES: the target is the argmax at every target position in every context, then
+`mpes_extra` more steps; without MPES: ROME's loss threshold) leaves the batch and its δ is frozen.
+Blocks below the z layer do not depend on δ, so they run once; later steps replay their output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..arch import head_logits
+from ..checks import continuation
+from ..forward import replay_lower_blocks
+from ..models import LoadedModel
+from ..requests import EditRequest
+from ..scoring import pad_batch
+from .keys import locate_in_template, locate_subject, pad_id
+
+
+@dataclass(frozen=True)
+class ValueHParams:
+    lr: float = 0.5
+    max_steps: int = 25
+    clamp: float = 0.75  # ‖δ‖ ≤ clamp·‖h‖
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    mpes: bool = True
+    mpes_extra: int = 1
+    loss_stop: float = 5e-2  # without MPES: ROME's stop once the loss is this small
+
+
+@dataclass
+class ValueResult:
+    z: torch.Tensor  # (d, n) float64 target block outputs
+    steps: list[int]  # optimisation steps taken per request
+    converged: list[bool]  # target was argmax everywhere when the request stopped
+
+
+@dataclass
+class Row:
+    """One sequence of the batch: a request's prompt in one context (+ target), or its KL prompt."""
+
+    owner: int  # request index
+    ids: list[int]
+    subject_last: int
+    target_cols: list[int]  # positions whose logits predict the target tokens (empty for KL rows)
+    target_ids: list[int]
+    is_kl: bool
+    is_bare: bool
+
+
+def build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[Row]:
+    """Rows per request: one per context template (the bare prompt first), then "{subject} is a"."""
+    tok = lm.tokenizer
+    rows: list[Row] = []
+    for ri, r in enumerate(requests):
+        target = tok(continuation(r.target_new), add_special_tokens=False)["input_ids"]
+        for ti, t in enumerate(templates):
+            loc = locate_in_template(tok, t, r)
+            cols = [len(loc.ids) - 1 + j for j in range(len(target))]
+            rows.append(Row(ri, loc.ids + target[:-1], loc.subject_last, cols, list(target), False, ti == 0))
+        loc = locate_subject(tok, f"{r.subject} is a", 0, len(r.subject))
+        rows.append(Row(ri, loc.ids, loc.subject_last, [], [], True, False))
+    return rows
+
+
+def length_buckets(lengths: Sequence[int], waste: float = 0.15) -> list[list[int]]:
+    """Group indices (longest first) so each group's padded size is ≤ (1 + waste) × its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    real = 0
+    for i in order:
+        if buckets:
+            width = lengths[buckets[-1][0]]
+            if width * (len(buckets[-1]) + 1) <= (1 + waste) * (real + lengths[i]):
+                buckets[-1].append(i)
+                real += lengths[i]
+                continue
+        buckets.append([i])
+        real = lengths[i]
+    return buckets
+
+
+def nll_loss(tok_logp: torch.Tensor, row_of_tok: torch.Tensor, owner_of_row: torch.Tensor, n: int,
+             n_contexts: int) -> torch.Tensor:
+    """Per request: mean over its contexts of the mean target-token NLL."""
+    n_rows = len(owner_of_row)
+    row_sum = torch.zeros(n_rows, device=tok_logp.device).index_add(0, row_of_tok, -tok_logp)
+    row_cnt = torch.zeros(n_rows, device=tok_logp.device).index_add(0, row_of_tok, torch.ones_like(tok_logp))
+    per_row = row_sum / row_cnt.clamp(min=1)
+    return torch.zeros(n, device=tok_logp.device).index_add(0, owner_of_row, per_row) / n_contexts
+
+
+def kl_divergence(logp_cur: torch.Tensor, logp_init: torch.Tensor) -> torch.Tensor:
+    """KL(p_cur ‖ p_init) per row."""
+    return (logp_cur.exp() * (logp_cur - logp_init)).sum(-1)
+
+
+def weight_decay(delta: torch.Tensor, h: torch.Tensor, wd: float) -> torch.Tensor:
+    """wd · ‖δ‖ / ‖h‖² per request."""
+    return wd * delta.norm(dim=-1) / h.norm(dim=-1).clamp(min=1e-8) ** 2
+
+
+def clamp_norm_(delta: torch.Tensor, h: torch.Tensor, clamp: float) -> None:
+    """‖δ‖ ≤ clamp · ‖h‖, in place."""
+    limit = clamp * h.norm(dim=-1, keepdim=True)
+    norm = delta.norm(dim=-1, keepdim=True)
+    delta.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm)))
+
+
+class _Batch:
+    """The padded rows and everything the per-step forward needs (z-layer cache included)."""
+
+    def __init__(self, lm: LoadedModel, rows: list[Row], z_layer: int):
+        self.lm, self.rows = lm, rows
+        self.device = next(lm.model.parameters()).device
+        self.ids, self.mask, self.pos, _ = pad_batch([r.ids for r in rows], pad_id(lm.tokenizer), "right")
+        self.lengths = [len(r.ids) for r in rows]
+        self.blocks = [lm.model.get_submodule(lm.arch.block_name(i)) for i in range(z_layer + 1)]
+        self.cache: torch.Tensor | None = None  # z-layer output per row (rows, width, d)
+        self.returns_tuple = False
+
+    def forward(self, sel: list[int], delta: torch.Tensor, h_init: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states of rows `sel` with δ added at each row's subject (padded to their max)."""
+        width = max(self.lengths[i] for i in sel)
+        idx = torch.tensor(sel)
+        ids, mask, pos = (t[idx, :width].to(self.device) for t in (self.ids, self.mask, self.pos))
+        local = torch.arange(len(sel), device=self.device)
+        subj = torch.tensor([self.rows[i].subject_last for i in sel], device=self.device)
+        owner = torch.tensor([self.rows[i].owner for i in sel], device=self.device)
+
+        def with_delta(h: torch.Tensor) -> torch.Tensor:
+            add = torch.zeros_like(h)
+            add[local, subj] = delta[owner].to(h.dtype)
+            return h + add
+
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+        base = self.lm.model.base_model
+        if self.cache is None or h_init is not None:
+            # First pass: run everything, remember the z-layer output and h at each bare prompt.
+            def capture(_m, _inp, output):
+                h = output[0] if isinstance(output, tuple) else output
+                self.returns_tuple = isinstance(output, tuple)
+                if self.cache is None:
+                    self.cache = torch.zeros(len(self.rows), self.ids.shape[1], h.shape[-1], device=self.device)
+                self.cache[idx.to(self.device), :width] = h.detach()
+                bare = [j for j, i in enumerate(sel) if self.rows[i].is_bare]
+                h_init[owner[bare]] = h[local[bare], subj[bare]].detach()
+                h = with_delta(h)
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            handle = self.blocks[-1].register_forward_hook(capture)
+            try:
+                return base(**inputs)[0]
+            finally:
+                handle.remove()
+        cached = self.cache[idx.to(self.device), :width]
+        with replay_lower_blocks(self.blocks, lambda: with_delta(cached), self.returns_tuple):
+            return base(**inputs)[0]
+
+
+def optimise_values(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    z_layer: int,
+    hp: ValueHParams,
+    quiet: bool = False,
+) -> ValueResult:
+    """Find z = h + δ per request so that the model says `target_new` from every context."""
+    model = lm.model
+    rows = build_rows(lm, requests, templates)
+    batch = _Batch(lm, rows, z_layer)
+    device = batch.device
+    n = len(requests)
+    d = model.config.get_text_config().hidden_size
+    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    h_init = torch.zeros(n, d, device=device)
+    kl_init = None
+    active = [True] * n
+    countdown = [-1] * n  # MPES: extra steps left once converged (-1: not converged yet)
+    steps = [0] * n
+    converged = [False] * n
+    bar = tqdm(total=n, desc="z-optimisation", unit="req", disable=quiet)
+
+    for step in range(hp.max_steps + 1):
+        sel_all = [i for i, r in enumerate(rows) if active[r.owner]]
+        if not sel_all:
+            break
+        tok_lp, hits, tok_owner, tok_row, kl_lp, kl_owner, row_owner = [], [], [], [], [], [], []
+        n_rows = 0
+        for bucket in length_buckets([rows[i].ids.__len__() for i in sel_all]):
+            sel = [sel_all[j] for j in bucket]
+            hidden = batch.forward(sel, delta, h_init if step == 0 else None)
+            g_row, g_col, g_tgt = [], [], []
+            kl_rows, kl_cols = [], []
+            for j, i in enumerate(sel):
+                r = rows[i]
+                row_owner.append(r.owner)
+                if r.is_kl:
+                    kl_rows.append(j)
+                    kl_cols.append(r.subject_last)
+                    kl_owner.append(r.owner)
+                for c, t in zip(r.target_cols, r.target_ids):
+                    g_row.append(j)
+                    g_col.append(c)
+                    g_tgt.append(t)
+                    tok_owner.append(r.owner)
+                    tok_row.append(n_rows + j)
+            n_rows += len(sel)
+            # Only the scored positions go through the model's own head.
+            logp = F.log_softmax(head_logits(model, hidden[g_row, g_col]).float(), -1)
+            tgt = torch.tensor(g_tgt, device=device)
+            tok_lp.append(logp.gather(-1, tgt[:, None])[:, 0])
+            hits.append(logp.argmax(-1) == tgt)
+            if kl_rows:
+                kl_lp.append(F.log_softmax(head_logits(model, hidden[kl_rows, kl_cols]).float(), -1))
+        tok_lp_t, hit_t = torch.cat(tok_lp), torch.cat(hits)
+        kl_lp_t = torch.cat(kl_lp)
+        kl_owner_t = torch.tensor(kl_owner, device=device)
+        if kl_init is None:
+            kl_init = torch.zeros(n, kl_lp_t.shape[-1], device=device)
+            kl_init[kl_owner_t] = kl_lp_t.detach()
+        # KL rows contribute no target tokens, so the NLL mean runs over the context rows only.
+        nll = nll_loss(tok_lp_t, torch.tensor(tok_row, device=device), torch.tensor(row_owner, device=device),
+                       n, len(templates))
+        kl = torch.zeros(n, device=device).index_add(0, kl_owner_t, kl_divergence(kl_lp_t, kl_init[kl_owner_t]))
+        loss = nll + hp.kl_factor * kl + weight_decay(delta, h_init, hp.weight_decay)
+
+        all_hit = [True] * n
+        for o, h in zip(tok_owner, hit_t.tolist()):
+            if not h:
+                all_hit[o] = False
+        for ri in range(n):
+            if not active[ri]:
+                continue
+            done = step == hp.max_steps
+            if hp.mpes:
+                if countdown[ri] < 0 and all_hit[ri]:
+                    countdown[ri] = hp.mpes_extra
+                    converged[ri] = True
+                if countdown[ri] == 0:
+                    done = True
+                elif countdown[ri] > 0:
+                    countdown[ri] -= 1
+            else:
+                converged[ri] = all_hit[ri]
+                done = done or float(loss[ri]) < hp.loss_stop
+            if done:
+                active[ri] = False
+                bar.update(1)
+        live = torch.tensor(active, device=device)
+        if not live.any():
+            break
+        frozen = delta.detach()[~live].clone()
+        opt.zero_grad()
+        loss[live].sum().backward()
+        opt.step()
+        with torch.no_grad():
+            delta[~live] = frozen  # Adam's momentum must not move finished requests
+            clamp_norm_(delta, h_init, hp.clamp)
+        for ri in range(n):
+            steps[ri] += active[ri]
+    bar.close()
+    z = (h_init + delta.detach()).double().T.contiguous()
+    return ValueResult(z=z, steps=steps, converged=converged)
