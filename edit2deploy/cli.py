@@ -16,6 +16,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _json_safe(obj):
+    """JSON has no Infinity/NaN: write them as null."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _fmt_p(lp: float | None) -> str:
     import math
 
@@ -36,7 +59,7 @@ def _add_facts(sub) -> Callable:
     p = sub.add_parser("facts", help="score facts on a model: p(target) vs p(true), top-1 token")
     p.add_argument("--model", required=True, help="HF directory, .gguf file, or built-in name (smollm2-135m)")
     p.add_argument("--facts", required=True, help="edit/fact file: .jsonl (ours) or CounterFact/EasyEdit .json")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
     p.add_argument(
         "--probes",
         default="edit",
@@ -55,20 +78,22 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
     kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
     bad = [k for k in kinds if k not in PROBE_KINDS]
-    if bad or not kinds:
+    if not kinds:
+        raise UsageError(f"--probes: empty list (expected a comma list of {', '.join(PROBE_KINDS)})")
+    if bad:
         raise UsageError(f"--probes: unknown kind '{','.join(bad)}' (expected a comma list of {', '.join(PROBE_KINDS)})")
     requests = load_requests(args.facts, limit=args.limit)
     lm = open_model(args.model, device=args.device)
     results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, kinds), decode=lm.tokenizer.decode)
     summary = rates(results)
     if args.json:
-        json.dump({"model": args.model, "facts": [r.to_json() for r in results], "rates": summary}, sys.stdout, indent=1)
+        doc = {"model": args.model, "facts": [r.to_json() for r in results], "rates": summary}
+        json.dump(_json_safe(doc), sys.stdout, indent=1, allow_nan=False)
         print()
         return 0
     rows = []
     for r in results:
         pr = r.probe
-        wins = "expected" if r.success else "other"
         if pr.kind == "neighborhood":
             wins = "true" if r.success else "new"
         else:
@@ -94,7 +119,7 @@ def _add_edit(sub) -> Callable:
     p.add_argument("--corpus", default=None, help="text file or directory for key statistics (default: model-generated)")
     p.add_argument("--n-tokens", type=int, default=None, help="tokens of statistics corpus (default 100,000)")
     p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
@@ -126,7 +151,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     run = edit_model(
         args.model, args.edits, args.out, cfg=_edit_config(args), batch_size=args.batch_size,
         corpus=args.corpus, n_tokens=args.n_tokens, device=args.device, force=args.force,
-        limit=args.limit, quiet=args.quiet,
+        limit=args.limit, quiet=getattr(args, "quiet", False),
     )
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {
@@ -179,7 +204,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     corpus = corpus_from_path(args.corpus)
     t = time.perf_counter()
     stats = key_stats(lm, layers, weights_fingerprint(lm.model_dir), corpus, args.n_tokens or DEFAULT_N_TOKENS,
-                      quiet=args.quiet)
+                      quiet=getattr(args, "quiet", False))
     print_table(["layer", "d_in", "tokens"], [[li, s.C.shape[0], s.n_tokens] for li, s in stats.items()])
     print(f"\nstatistics for layers {list(layers)} ready in {time.perf_counter() - t:.1f} s (corpus {corpus.id})")
     return 0
@@ -240,7 +265,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable, ...] = (_add_facts, _add_edit, _add_stats, _add_rollback, _add_log)
+def _deploy_commands() -> tuple[Callable, ...]:
+    from .cli_deploy import add_export, add_verify
+
+    return (add_export, add_verify)
+
+
+COMMANDS: tuple[Callable, ...] = (_add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edit2deploy {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _orig_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _orig_add(*a, parents=[common], **k)  # every command takes --quiet/--debug
     handlers = {}
     for add in COMMANDS:
         handler = add(sub)
@@ -263,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a hub at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -272,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        if args.quiet:
+        if getattr(args, "quiet", False):
             os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
 

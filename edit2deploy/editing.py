@@ -17,7 +17,7 @@ from .atomic import atomic_dir
 from .errors import NonFiniteUpdateError, UsageError
 from .ledger import Ledger, tensor_sha256
 from .methods import EditConfig, Editor
-from .methods.editor import LayerState
+from .methods.editor import LayerState, check_layers, method_spec
 from .methods.keys import generate_prefixes
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
 from .requests import EditRequest, load_requests
@@ -70,6 +70,8 @@ def prepare_editor(
     quiet: bool = False,
 ) -> tuple[Editor, Ledger, float]:
     """An `Editor` for `lm` with statistics, prefixes and method state (continuing an existing ledger)."""
+    method_spec(cfg.method)
+    layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)  # before any work
     ledger = Ledger.load(lm.model_dir)
     if ledger is None:
         corp = corpus_from_path(corpus)
@@ -84,7 +86,6 @@ def prepare_editor(
         if n_tokens is not None and n_tokens != ledger.state["n_tokens"]:
             raise UsageError(f"--n-tokens differs from the earlier edits' {ledger.state['n_tokens']}; omit it")
         corp = corpus_from_path(ledger.state.get("corpus_path"))
-    layers = tuple(sorted(cfg.layers or lm.arch.layers_for(lm.num_layers)))
     t = time.perf_counter()
     stats = key_stats(lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet)
     stats_seconds = time.perf_counter() - t
@@ -135,6 +136,7 @@ def apply_requests(
             "method": editor.cfg.method,
             "config": editor.cfg.to_json(),
             "layers": list(editor.layers),
+            "active_before": ledger.active_batches,  # what "sha256_before" is the state of (for rollback checks)
             "requests": [r.to_json() for r in chunk],
             "steps": report.steps,
             "converged": report.converged,

@@ -129,6 +129,28 @@ class Ledger:
         for bid, tensors in self.batch_tensors.items():
             save_file(tensors, str(d / BATCH_DIR / f"{bid}.safetensors"))
 
+    def recorded_sha256(self, name: str, batches: list[str]) -> str | None:
+        """SHA-256 recorded for tensor `name` in the state "W0 + the listed batches", or None if that state
+        was never recorded (e.g. a batch in the middle was rolled back).
+
+        A batch record holds the tensor's hash before and after the batch, and which batches were
+        active when it was applied; the state matches when those (restricted to batches that touched
+        the tensor) are exactly `batches`' batches that touched it.
+        """
+        touched = [b for b in batches if name in self.batch_record(b)["tensors"]]
+        if not touched:
+            return tensor_sha256(self.originals[name])
+        for rec in self.records:
+            t = rec.get("tensors", {}).get(name) if rec.get("type") == "batch" else None
+            if t is None or "active_before" not in rec:
+                continue
+            before = [b for b in rec["active_before"] if name in self.batch_record(b)["tensors"]]
+            if before + [rec["id"]] == touched:
+                return t["sha256_after"]
+            if before == touched:
+                return t["sha256_before"]
+        return None
+
     def replay(self, name: str, batches: list[str]) -> torch.Tensor:
         """W0 + ΔW of each listed batch, added in order (bit-identical to what the editor produced)."""
         w = self.originals[name].clone()
@@ -170,18 +192,9 @@ def rollback(model_dir: Path | str, last: int | None = None, batch: str | None =
             raise UsageError(f"--last {last}: the ledger has {len(active)} active batch(es)")
         removed = active[-last:]
     kept = [b for b in active if b not in removed]
-    # The state after `kept` was recorded only if `kept` is a prefix of the history.
-    is_prefix = kept == active[: len(kept)]
-    expected: dict[str, str] = {}
-    if is_prefix:
-        for name in ledger.originals:
-            expected[name] = tensor_sha256(ledger.originals[name])
-            for bid in kept:
-                rec = ledger.batch_record(bid)
-                if name in rec["tensors"]:
-                    expected[name] = rec["tensors"][name]["sha256_after"]
+    expected = {name: ledger.recorded_sha256(name, kept) for name in ledger.originals}
     restored = {name: ledger.replay(name, kept) for name in ledger.originals}
-    checks = {name: (tensor_sha256(w) == expected[name]) if name in expected else None for name, w in restored.items()}
+    checks = {name: (tensor_sha256(w) == expected[name]) if expected[name] else None for name, w in restored.items()}
     if any(v is False for v in checks.values()):
         bad = [n for n, v in checks.items() if v is False]
         raise UsageError(f"rollback would not restore the recorded bytes of {bad}; nothing was written")

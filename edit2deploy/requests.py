@@ -38,6 +38,16 @@ class EditRequest:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject, 1)
 
+    @classmethod
+    def from_json(cls, d: dict) -> EditRequest:
+        """Inverse of `to_json` (ledger records)."""
+        return cls(
+            prompt=d["prompt"], subject=d["subject"], target_new=d["target_new"], target_true=d.get("target_true"),
+            paraphrases=tuple(d.get("paraphrases", ())),
+            neighborhood=tuple(Neighbor(n["prompt"], n["answer"]) for n in d.get("neighborhood", ())),
+            id=str(d.get("id", "")),
+        )
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)

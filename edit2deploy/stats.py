@@ -137,8 +137,9 @@ def generated_token_chunks(
         torch.manual_seed(seed)
         i = 0
         while total < n_tokens:
-            seeds = [GENERATION_SEEDS[(i + j) % len(GENERATION_SEEDS)] for j in range(batch)]
-            i += batch
+            rows = min(batch, -(-(n_tokens - total) // seq_len))  # no more rows than the tokens still needed
+            seeds = [GENERATION_SEEDS[(i + j) % len(GENERATION_SEEDS)] for j in range(rows)]
+            i += rows
             enc = tok(seeds, return_tensors="pt", padding=True, padding_side="left").to(device)
             out = model.generate(
                 **enc, do_sample=True, top_k=50, max_new_tokens=seq_len, pad_token_id=pad,
@@ -240,6 +241,9 @@ def key_stats(
     quiet: bool = False,
 ) -> dict[int, KeyStats]:
     """C for each layer: from the cache where present and valid, else all missing layers in one pass."""
+    bad = [li for li in layers if not 0 <= li < lm.num_layers]
+    if bad:
+        raise UsageError(f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
     out: dict[int, KeyStats] = {}
     for li in layers:
         cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))

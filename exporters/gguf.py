@@ -7,8 +7,8 @@
     scorer = gguf.scorer(art)                                               # edit2deploy.scoring.Scorer
 
 Full export: `gguf_writer` streams the safetensors into a GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 encoded
-in numpy). K-quants: an F32 GGUF is written to a temporary file and `llama_model_quantize` picks the per-tensor
-mix; edited tensors that ended below the protection floor are then re-encoded from the full-precision weights.
+in numpy). K-quants: a lossless GGUF (F32, or BF16/F16 when every weight is stored so) is written to a temporary
+file and `llama_model_quantize` picks the per-tensor mix; edited tensors that ended below the protection floor are then re-encoded from the full-precision weights.
 
 Edited-tensor protection (`ExportPolicy.protect_edits`, default "q8_0"): the tensors the edit ledger changed
 (`edit2deploy.ledger.read_edit_info(model_dir).edited_tensors`) are stored at >= Q8_0 (or >= F16) whatever the
@@ -43,7 +43,7 @@ from .gguf_arch import ModelLayout, is_float_only
 from .gguf_patch import GGUFLayout, Replacement, is_gguf, rewrite, scan
 from .gguf_quant import encode, llama_quantize
 from .gguf_types import PROTECT_TYPES, QUANTS, bits_per_weight, protected_type, quant_spec, row_fits
-from .gguf_writer import safetensors_index, write_gguf
+from .gguf_writer import intermediate_type, safetensors_index, write_gguf
 from .llamacpp_scorer import LlamaCppScorer
 
 FORMAT = "gguf"
@@ -188,7 +188,7 @@ def export_gguf(
     with contextlib.suppress(FileNotFoundError):
         sidecar_path(out).unlink()  # never leave a stale record next to a new file
     if patch_base is not None:
-        return _patch(layout, out, quant, policy, Path(patch_base), edited, progress)
+        return _patch(layout, out, quant, policy, Path(patch_base), edited)
     if quant is None:
         raise UsageError("--quant is required for a full GGUF export (patch mode keeps the base's types)")
     spec = quant_spec(quant)
@@ -209,15 +209,16 @@ def export_gguf(
             )
             types = res.types
         else:
-            f32, quantized = _scratch(out), _scratch(out)
+            lossless, quantized = _scratch(out), _scratch(out)
             try:
+                inter, inter_ft = intermediate_type(model_dir)
                 res = write_gguf(
-                    model_dir, f32, QT.F32, FT.ALL_F32, progress=progress, tokenizer_pre=tokenizer_pre
+                    model_dir, lossless, inter, inter_ft, progress=progress, tokenizer_pre=tokenizer_pre
                 )
                 protect = bool(edited) and PROTECT_TYPES[policy.protect_edits] is not None
-                log = llama_quantize(f32, quantized if protect else tmp, spec.file_type, threads)
+                log = llama_quantize(lossless, quantized if protect else tmp, spec.file_type, threads)
                 notes = [line.strip() for line in log if "fallback" in line and "WARNING" in line]
-                f32.unlink()
+                lossless.unlink()
                 if protect:
                     base = scan(quantized)
                     types = rewrite(
@@ -226,7 +227,7 @@ def export_gguf(
                 else:
                     types = {t.name: t.qtype for t in scan(tmp).tensors}
             finally:
-                for p in (f32, quantized):
+                for p in (lossless, quantized):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
     names = {hf: res.names[hf] for hf in edited}
@@ -249,7 +250,6 @@ def _patch(
     policy: ExportPolicy,
     base_path: Path,
     edited: list[str],
-    progress: bool,
 ) -> Artifact:
     t0 = time.perf_counter()
     if not is_gguf(base_path):
@@ -279,7 +279,7 @@ def _patch(
 
 
 def open_scorer(
-    artifact: Artifact | Path | str, n_ctx: int = 512, kv_type: str = "f32", n_threads: int | None = None
+    artifact: Artifact | Path | str, n_ctx: int = 256, kv_type: str = "f32", n_threads: int | None = None
 ) -> LlamaCppScorer:
     """A llama.cpp `Scorer` on a GGUF (an `Artifact` or a path)."""
     path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)

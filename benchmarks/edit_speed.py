@@ -1,0 +1,77 @@
+"""Edit speed on SmolLM2-135M: batched vs one-request-at-a-time z-optimisation, time per phase.
+
+    python benchmarks/edit_speed.py                     # first 50 CounterFact val cases, 2 batches of 25
+    python benchmarks/edit_speed.py --n 10 --json out.json
+
+Statistics are computed (or loaded from the cache) first and excluded from edits/s, as in the
+reference measurement (DESIGN.md). Both variants edit the same facts from the same unedited model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+
+from edit2deploy.config import parse_layers
+from edit2deploy.editing import apply_requests, prepare_editor
+from edit2deploy.methods import EditConfig
+from edit2deploy.models import open_model
+from edit2deploy.requests import load_requests
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--layers", default="4-8")
+    ap.add_argument("--method", default="default")
+    ap.add_argument("--n-tokens", type=int, default=100_000)
+    ap.add_argument("--variants", default="batched,one-at-a-time", help="comma list: batched, one-at-a-time, no-mpes")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    requests = load_requests(COUNTERFACT / "counterfact-val.json", limit=args.n)
+    base = EditConfig(method=args.method, layers=parse_layers(args.layers))
+    variants = {
+        "batched": base,
+        "one-at-a-time": dataclasses.replace(base, values=dataclasses.replace(base.values, group=1)),
+        "no-mpes": dataclasses.replace(base, method="alphaedit"),
+    }
+    print(f"machine: {machine()}")
+    results = []
+    for name in args.variants.split(","):
+        cfg = variants[name]
+        lm = open_model("smollm2-135m", device=args.device)  # fresh, unedited
+        editor, ledger, stats_s = prepare_editor(lm, cfg, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        run = apply_requests(editor, ledger, requests, args.batch_size, quiet=True)
+        total = time.perf_counter() - t
+        phases = {k: sum(b["timings"][k] for b in run.batches) for k in ("keys", "z", "solve")}
+        steps = [s for b in run.batches for s in b["steps"]]
+        q = rates_of(lm, requests)
+        results.append({"variant": name, "edits": len(requests), "seconds": total, "s_per_edit": total / len(requests),
+                        "edits_per_s": len(requests) / total, "phases": phases, "stats_seconds": stats_s,
+                        "mean_steps": sum(steps) / len(steps), **q})
+        print(f"  {name}: {total:.1f} s", flush=True)
+    print()
+    print_table(
+        ["variant", "edits", "s/edit", "edits/s", "keys s", "z s", "solve s", "mean z steps", "ES", "PS", "NS"],
+        [[r["variant"], r["edits"], f"{r['s_per_edit']:.2f}", f"{r['edits_per_s']:.3f}", f"{r['phases']['keys']:.1f}",
+          f"{r['phases']['z']:.1f}", f"{r['phases']['solve']:.1f}", f"{r['mean_steps']:.1f}", f"{r['ES']:.0f}",
+          f"{r['PS']:.0f}", f"{r['NS']:.0f}"] for r in results],
+    )
+    if len(results) >= 2 and results[0]["variant"] == "batched":
+        for r in results[1:]:
+            print(f"batched is {results[0]['edits_per_s'] / r['edits_per_s']:.1f}x the edits/s of {r['variant']}")
+    write_json(args.json, {"results": results, "n": args.n, "batch_size": args.batch_size, "layers": args.layers})
+
+
+if __name__ == "__main__":
+    main()

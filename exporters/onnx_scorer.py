@@ -1,0 +1,284 @@
+"""`edit2deploy.scoring.Scorer` in ONNX runtimes: score an ONNX export in the runtime that deploys it.
+
+- `GenAIScorer`: onnxruntime-genai (`og.Model`, `og.Tokenizer`, `og.Generator`), for directories with a
+  `genai_config.json` (the model builder's output). Teacher forcing: the prompt and the continuation (minus its
+  last token) are appended with `append_tokens`, and `get_output("logits")` gives the logits of every appended
+  position. Pairs are scored in lexicographic order of their ids and the generator is rewound (`rewind_to`) only
+  to the longest common prefix with what it evaluated last, so continuations of one prompt share the prompt's
+  evaluation. `max_length` is set to the longest sequence of the call (the KV buffer is that long, not the model's
+  context length). Tokenization is onnxruntime-genai's own (`og.Tokenizer`, i.e. the deployed one): the prompt
+  with the tokenizer's special tokens, the continuation with them stripped.
+- `OrtScorer`: a plain `onnxruntime.InferenceSession`, batched, right padding (the builder's
+  GroupQueryAttention derives positions from the mask, so left padding is wrong there). Works for the torch
+  fallback export (inputs `input_ids`, `attention_mask` -> `logits`) and for builder output (empty
+  `past_key_values.*` inputs are fed). Tokenization is the Hugging Face tokenizer saved in the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edit2deploy.errors import UsageError
+from edit2deploy.scoring import Scored
+
+GENAI_CONFIG = "genai_config.json"
+PROVIDERS = ("cpu", "cuda")
+
+
+def default_threads() -> int:
+    """`OMP_NUM_THREADS` if set, else half the usable cores (at least 1): ORT's spinning threads punish a
+    shared machine badly, like llama.cpp's."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    m = rows.max(axis=-1, keepdims=True)
+    return rows - (m + np.log(np.exp(rows - m).sum(axis=-1, keepdims=True)))
+
+
+def _scored(p_ids: Sequence[int], c_ids: Sequence[int], logits: np.ndarray) -> Scored:
+    """`logits`: one row per continuation token (the row predicting it)."""
+    logp = _log_softmax(logits)
+    target = np.asarray(c_ids, dtype=np.int64)
+    lp = logp[np.arange(len(c_ids)), target]
+    return Scored(
+        prompt_ids=tuple(int(x) for x in p_ids),
+        target_ids=tuple(int(x) for x in c_ids),
+        logprobs=tuple(float(x) for x in lp),
+        greedy_ids=tuple(int(x) for x in logits.argmax(-1)),
+    )
+
+
+def _check_pair(prompt: str, continuation: str, p_ids: list[int], c_ids: list[int]) -> None:
+    if not p_ids:
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+    if not c_ids:
+        raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
+
+
+def require_genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise UsageError(
+            "scoring an ONNX export needs onnxruntime-genai: pip install 'onnxruntime-genai>=0.18' "
+            "(or the edit2deploy[onnx] extra)"
+        ) from exc
+    return og
+
+
+def genai_config(model_dir: Path | str, provider: str = "cpu", threads: int | None = None):
+    """An `og.Config` for a builder directory, on `provider`, with `threads` intra-op threads."""
+    og = require_genai()
+    model_dir = Path(model_dir)
+    if not (model_dir / GENAI_CONFIG).is_file():
+        raise UsageError(f"{model_dir}: no {GENAI_CONFIG} (not an onnxruntime-genai model directory)")
+    if provider not in PROVIDERS:
+        raise UsageError(f"execution provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    cfg = og.Config(str(model_dir))
+    cfg.clear_providers()
+    if provider != "cpu":
+        cfg.append_provider(provider)
+    n = threads or default_threads()
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": n}}}}))
+    return cfg
+
+
+class GenAIScorer:
+    """Scores an onnxruntime-genai model directory (the model builder's output)."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, model_dir: Path | str, provider: str = "cpu", threads: int | None = None):
+        og = require_genai()
+        self.og = og
+        self.model_dir = Path(model_dir)
+        self.provider = provider
+        try:
+            self.model = og.Model(genai_config(self.model_dir, provider, threads))
+        except (RuntimeError, OSError) as exc:
+            raise UsageError(f"{self.model_dir}: onnxruntime-genai cannot load the model ({exc})") from exc
+        self.tokenizer = og.Tokenizer(self.model)
+        # What encoding adds around any text (e.g. BOS): kept on prompts, stripped from continuations.
+        empty = [int(x) for x in self.tokenizer.encode("")]
+        self._special_prefix = empty
+
+    def encode(self, text: str) -> list[int]:
+        return [int(x) for x in self.tokenizer.encode(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(np.asarray(ids, dtype=np.int32))
+
+    def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        p_ids = self.encode(prompt)
+        c_ids = self.encode(continuation)
+        pre = self._special_prefix
+        if pre and c_ids[: len(pre)] == pre:
+            c_ids = c_ids[len(pre) :]
+        _check_pair(prompt, continuation, p_ids, c_ids)
+        return p_ids, c_ids
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position of one sequence, shape (len(ids), vocab), float32."""
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        return np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(len(ids), -1)
+
+    def _generator(self, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length)
+        return self.og.Generator(self.model, params)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        if not pairs:
+            return []
+        tokenized = [self.tokenize(p, c) for p, c in pairs]
+        seqs = [p + c[:-1] for p, c in tokenized]
+        order = sorted(range(len(pairs)), key=lambda i: seqs[i])
+        gen = self._generator(max(len(s) for s in seqs) + 1)
+        cur: list[int] = []  # tokens the generator holds
+        rows: list[np.ndarray] = []  # logits row of each of them
+        out: list[Scored | None] = [None] * len(pairs)
+        for i in order:
+            seq = seqs[i]
+            common = 0
+            for a, b in zip(cur, seq, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if common < len(cur):
+                if common == 0:
+                    gen = self._generator(max(len(s) for s in seqs) + 1)
+                else:
+                    gen.rewind_to(common)
+                del cur[common:], rows[common:]
+            new = seq[len(cur) :]
+            if new:
+                gen.append_tokens(np.asarray(new, dtype=np.int32))
+                lo = np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(len(new), -1)
+                cur.extend(new)
+                rows.extend(lo)
+            p_ids, c_ids = tokenized[i]
+            first = len(p_ids) - 1
+            out[i] = _scored(p_ids, c_ids, np.stack(rows[first : first + len(c_ids)]))
+        return out  # type: ignore[return-value]
+
+
+class OrtScorer:
+    """Scores an ONNX model (`model.onnx` + tokenizer files) in a plain onnxruntime session, batched."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        provider: str = "cpu",
+        threads: int | None = None,
+        batch_size: int = 16,
+        filename: str = "model.onnx",
+        tokenizer: Any = None,
+    ):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise UsageError("scoring an ONNX export needs onnxruntime: pip install onnxruntime") from exc
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / filename
+        if not path.is_file():
+            raise UsageError(f"{path}: ONNX model not found")
+        if provider not in PROVIDERS:
+            raise UsageError(f"execution provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"] if provider == "cpu" else ["CUDAExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise UsageError(
+                "CUDA was asked for but onnxruntime fell back to CPU (is onnxruntime-gpu installed?)"
+            )
+        self.batch_size = batch_size
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - set(self._inputs)
+        if missing:
+            raise UsageError(
+                f"{path}: expected inputs input_ids and attention_mask (missing {sorted(missing)})"
+            )
+
+    def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        from edit2deploy.scoring import hf_tokenize
+
+        return hf_tokenize(self.tokenizer, prompt, continuation)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _feed(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        feed: dict[str, np.ndarray] = {}
+        for name, info in self._inputs.items():
+            int_type = np.int32 if info.type == "tensor(int32)" else np.int64
+            if name == "input_ids":
+                feed[name] = ids.astype(int_type)
+            elif name == "attention_mask":
+                feed[name] = mask.astype(int_type)
+            elif name == "position_ids":
+                feed[name] = np.clip(mask.cumsum(-1) - 1, 0, None).astype(int_type)
+            elif name.startswith("past_key_values"):
+                shape = [
+                    ids.shape[0] if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(info.shape)
+                ]
+                dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(
+                    info.type, np.float32
+                )
+                feed[name] = np.zeros(shape, dtype=dtype)
+            else:
+                raise UsageError(f"{self.model_dir}: unexpected model input '{name}'")
+        return feed
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray([list(ids)], dtype=np.int64)
+        out = self.session.run(["logits"], self._feed(arr, np.ones_like(arr)))[0]
+        return np.asarray(out[0], dtype=np.float32)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        tokenized = [self.tokenize(p, c) for p, c in pairs]
+        seqs = [p + c[:-1] for p, c in tokenized]
+        order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))
+        out: list[Scored | None] = [None] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(seqs[i]) for i in chunk)
+            ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, i in enumerate(chunk):  # right padding: correct for GroupQueryAttention too
+                ids[row, : len(seqs[i])] = seqs[i]
+                mask[row, : len(seqs[i])] = 1
+            logits = self.session.run(["logits"], self._feed(ids, mask))[0]
+            for row, i in enumerate(chunk):
+                p_ids, c_ids = tokenized[i]
+                first = len(p_ids) - 1
+                out[i] = _scored(
+                    p_ids, c_ids, np.asarray(logits[row, first : first + len(c_ids)], np.float32)
+                )
+        return out  # type: ignore[return-value]

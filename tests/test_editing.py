@@ -1,0 +1,617 @@
+"""Editing: the closed-form solves (each equals a direct least-squares minimisation of its objective),
+AlphaEdit's null-space guarantee, subject-token location, batched z-optimisation with MPES, the Editor's
+batch atomicity, and the `edit` command's usage errors. Ends with one real edit of SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import pytest
+import torch
+
+from edit2deploy.errors import NonFiniteUpdateError, UsageError
+from edit2deploy.methods import METHODS, EditConfig, Editor
+from edit2deploy.methods.keys import context_templates, keys_and_outputs, locate_in_template, locate_subject
+from edit2deploy.methods.solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
+from edit2deploy.methods.values import ValueHParams, optimise_values
+from edit2deploy.models import open_model
+from edit2deploy.requests import EditRequest
+
+from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
+
+D_IN, D_OUT, N, N_PREV, N_OLD = 12, 7, 5, 4, 30
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def spectrum_covariance(d: int, large: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """C = Q diag(λ) Qᵀ with `large` eigenvalues in [1, 10] and the rest in [1e-5, 1e-4] (a clear gap).
+
+    Returns (C, Q_large, Q_small)."""
+    g = _gen(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.cat(
+        [
+            1 + 9 * torch.rand(large, generator=g, dtype=torch.float64),
+            1e-5 + 9e-5 * torch.rand(d - large, generator=g, dtype=torch.float64),
+        ]
+    )
+    C = Q @ torch.diag(lam) @ Q.T
+    return (C + C.T) / 2, Q[:, :large], Q[:, large:]
+
+
+# ================================================================ null space (AlphaEdit's guarantee)
+def test_null_space_basis_is_the_small_eigenvalue_eigenspace():
+    C, Q_large, Q_small = spectrum_covariance(D_IN, large=8)
+    U = null_space_basis(C, tau=2e-2)
+    assert U.shape == (D_IN, D_IN - 8)
+    assert torch.allclose(U.T @ U, torch.eye(D_IN - 8, dtype=torch.float64), atol=1e-12)  # orthonormal
+    P = projector(U)
+    assert torch.allclose(P, Q_small @ Q_small.T, atol=1e-10)  # the same subspace
+    assert torch.allclose(P @ P, P, atol=1e-12) and torch.allclose(P, P.T)
+    assert torch.allclose(P @ Q_large, torch.zeros_like(Q_large), atol=1e-10)
+    # τ is relative to λ_max: scaling C does not change the basis
+    assert torch.allclose(projector(null_space_basis(1e6 * C, tau=2e-2)), P, atol=1e-10)
+    # τ above every eigenvalue ratio keeps everything; τ below the smallest keeps nothing
+    assert null_space_basis(C, tau=1.01).shape == (D_IN, D_IN)
+    assert null_space_basis(C, tau=1e-9).shape == (D_IN, 0)
+
+
+def test_alphaedit_update_leaves_preserved_keys_unchanged():
+    C, Q_large, _ = spectrum_covariance(D_IN, large=8, seed=1)
+    P = projector(null_space_basis(C, tau=2e-2))
+    g = _gen(2)
+    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64)
+    R = torch.randn(D_OUT, N, generator=g, dtype=torch.float64)
+    Kp = torch.randn(D_IN, N_PREV, generator=g, dtype=torch.float64)
+    W = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha=10.0)
+    assert dW.shape == (D_OUT, D_IN) and dW.dtype == torch.float64
+    assert dW.norm() > 1e-2  # a real update...
+    preserved = Q_large @ torch.randn(8, 50, generator=g, dtype=torch.float64)  # keys C's big directions span
+    assert (dW @ preserved).abs().max() < 1e-5 * preserved.norm(dim=0).max()  # ...that does not touch them
+    assert torch.allclose((W + dW) @ preserved, W @ preserved, atol=1e-5)
+    assert torch.allclose(dW @ P, dW, atol=1e-12)  # ΔW = ΔW P
+
+
+# ================================================================ closed forms = least squares of the objective
+def _problem(seed: int = 0):
+    g = _gen(seed)
+    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64)
+    R = torch.randn(D_OUT, N, generator=g, dtype=torch.float64)
+    K0 = torch.randn(D_IN, N_OLD, generator=g, dtype=torch.float64)  # "old" keys: C = E[k kᵀ] over them
+    C = K0 @ K0.T / N_OLD
+    Kp = torch.randn(D_IN, N_PREV, generator=g, dtype=torch.float64)  # keys of earlier edits
+    return K, R, K0, C, Kp
+
+
+def _lstsq_rows(blocks_A: list[torch.Tensor], blocks_B: list[torch.Tensor]) -> torch.Tensor:
+    """The minimum-norm X minimising Σ ‖X A_i − B_i‖², by lstsq on the stacked system Aᵀ Xᵀ = Bᵀ."""
+    A = torch.cat(blocks_A, dim=1)
+    B = torch.cat(blocks_B, dim=1)
+    return torch.linalg.lstsq(A.T, B.T, driver="gelsd").solution.T
+
+
+@pytest.mark.parametrize("lambda_p", [0.5, 15_000.0])
+def test_memit_equals_least_squares(lambda_p):
+    """MEMIT: min ‖ΔW K − R‖² + λ_p tr(ΔW C ΔWᵀ), with C = K0 K0ᵀ / n0 so the penalty is ‖ΔW K0‖²·λ_p/n0."""
+    K, R, K0, C, _ = _problem()
+    ref = _lstsq_rows([K, math.sqrt(lambda_p / N_OLD) * K0], [R, torch.zeros(D_OUT, N_OLD, dtype=torch.float64)])
+    dW = memit_update(K, R, C, lambda_p)
+    assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
+
+    def objective(X):
+        return ((X @ K - R) ** 2).sum() + lambda_p * torch.trace(X @ C @ X.T)
+
+    # and it is a minimum: any perturbation is worse
+    for s in range(3):
+        E = torch.randn(D_OUT, D_IN, generator=_gen(10 + s), dtype=torch.float64) * 1e-3 * dW.abs().max()
+        assert objective(dW + E) > objective(dW)
+
+
+@pytest.mark.parametrize(("lambda_p", "lambda_n"), [(0.5, 2.0), (15_000.0, 15.0)])
+def test_encore_equals_least_squares(lambda_p, lambda_n):
+    """ENCORE: MEMIT's objective + λ_n ‖ΔW‖² + ‖ΔW Kp‖² (earlier edits' keys keep their values)."""
+    K, R, K0, C, Kp = _problem(1)
+    z = torch.zeros
+    ref = _lstsq_rows(
+        [K, math.sqrt(lambda_p / N_OLD) * K0, math.sqrt(lambda_n) * torch.eye(D_IN, dtype=torch.float64), Kp],
+        [R, z(D_OUT, N_OLD, dtype=torch.float64), z(D_OUT, D_IN, dtype=torch.float64),
+         z(D_OUT, N_PREV, dtype=torch.float64)],
+    )
+    dW = encore_update(K, R, C, Kp @ Kp.T, lambda_p, lambda_n)
+    assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
+    # with no earlier keys and λ_n = 0 it is MEMIT
+    zero = torch.zeros(D_IN, D_IN, dtype=torch.float64)
+    assert torch.allclose(encore_update(K, R, C, zero, lambda_p, 0.0), memit_update(K, R, C, lambda_p), rtol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 10.0])
+def test_alphaedit_equals_least_squares(alpha):
+    """AlphaEdit: min over Δ of ‖(W + Δ P) K − V‖² + α‖Δ P‖² + ‖Δ P Kp‖², with R = V − W K.
+
+    Only the update X = Δ P matters (Δ is free on the complement of P), and X ranges over {X : X = X P}.
+    Writing X = Y Uᵀ (P = U Uᵀ, U orthonormal) makes this an ordinary least-squares problem in Y:
+    Y [Uᵀ K, Uᵀ Kp, √α I] ≈ [R, 0, 0], strictly convex, so X is unique. The paper's closed form
+    X = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹ must give the same X."""
+    K, R, _, C, Kp = _problem(2)
+    C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=3)
+    U = null_space_basis(C_spec, tau=2e-2)
+    r = U.shape[1]
+    assert 0 < r < D_IN
+    P = projector(U)
+    z = torch.zeros
+    Y = _lstsq_rows(
+        [U.T @ K, U.T @ Kp, math.sqrt(alpha) * torch.eye(r, dtype=torch.float64)],
+        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, r, dtype=torch.float64)],
+    )
+    ref = Y @ U.T
+    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha)
+    assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
+    assert torch.allclose(dW @ P, dW, atol=1e-12)
+    # The same X from the min-norm lstsq over Δ itself on [P K, P Kp, √α P] (the min-norm Δ lies in range(P)).
+    ref2 = _lstsq_rows(
+        [P @ K, P @ Kp, math.sqrt(alpha) * P],
+        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, D_IN, dtype=torch.float64)],
+    )
+    assert torch.allclose(dW, ref2 @ P, rtol=1e-7, atol=1e-9 * ref.abs().max())
+
+    def objective(X):
+        X = X @ P
+        return ((X @ K - R) ** 2).sum() + alpha * (X**2).sum() + ((X @ Kp) ** 2).sum()
+
+    for s in range(3):
+        E = torch.randn(D_OUT, D_IN, generator=_gen(20 + s), dtype=torch.float64) * 1e-3 * dW.abs().max()
+        assert objective(dW + E) > objective(dW)
+
+
+def test_alphaedit_with_full_projector_is_ridge_regression():
+    """P = I: the update is R Kᵀ (Kp Kpᵀ + K Kᵀ + α I)⁻¹ — ENCORE without the C term."""
+    K, R, _, C, Kp = _problem(3)
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    dW = alphaedit_update(K, R, eye, Kp @ Kp.T, 10.0)
+    assert torch.allclose(dW, encore_update(K, R, C, Kp @ Kp.T, 0.0, 10.0), rtol=1e-10)
+
+
+def test_solves_accept_float32_inputs_and_compute_in_float64():
+    K, R, _, C, Kp = _problem(4)
+    dW32 = memit_update(K.float(), R.float(), C.float(), 3.0)
+    assert dW32.dtype == torch.float64
+    assert torch.allclose(dW32, memit_update(K.float().double(), R.float().double(), C.float().double(), 3.0))
+
+
+# ================================================================ subject location
+@pytest.fixture(scope="module")
+def tokenizers(tiny_model_dir):
+    """SmolLM2's tokenizer without BOS (as shipped) and with BOS prepended (like Llama's or Gemma's)."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    bos = AutoTokenizer.from_pretrained(tiny_model_dir("llama"), add_bos_token=True)
+    assert plain("x")["input_ids"][0] != plain.bos_token_id
+    assert bos("x")["input_ids"][0] == bos.bos_token_id
+    return {"plain": plain, "bos": bos}
+
+
+LOCATE_CASES = [
+    # (prompt, subject, the text the subject's last token decodes to)
+    ("{} is located in the city of", "The Eiffel Tower", " Tower"),  # start, leading "The"
+    ("Where is {} located? In", "the Eiffel Tower", " Tower"),  # middle
+    ("The mother tongue of {} is", "Danielle Darrieux", "ux"),  # middle, word split into pieces
+    ("My favourite city to visit is {}", "Paris", " Paris"),  # end
+    ("{}", "Paris", "Paris"),  # the whole prompt
+    ("{}'s capital is", "France", "France"),  # a suffix right after the subject
+]
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos"])
+@pytest.mark.parametrize(("prompt", "subject", "last_piece"), LOCATE_CASES)
+def test_locate_subject_last_token(tokenizers, kind, prompt, subject, last_piece):
+    tok = tokenizers[kind]
+    req = EditRequest(prompt=prompt, subject=subject, target_new="x")
+    loc = locate_in_template(tok, "{}", req)
+    assert loc.ids == tok(req.text)["input_ids"]
+    assert tok.decode(loc.ids[loc.subject_last]) == last_piece
+    # Everything up to and including that token spells the text up to the end of the subject
+    head = tok.decode(loc.ids[: loc.subject_last + 1], skip_special_tokens=True)
+    assert head == req.text[: prompt.index("{}") + len(subject)]
+    # MEMIT's way (tokenize the text up to the subject's end; no merge across the boundary here)
+    start = prompt.index("{}")
+    assert loc.subject_last == len(tok(req.text[: start + len(subject)])["input_ids"]) - 1
+    # BOS shifts the index by exactly one
+    other = tokenizers["plain" if kind == "bos" else "bos"]
+    shift = 1 if kind == "bos" else -1
+    assert locate_in_template(other, "{}", req).subject_last == loc.subject_last - shift
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos"])
+def test_locate_in_prefixed_template(tokenizers, kind):
+    tok = tokenizers[kind]
+    req = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome")
+    bare = locate_in_template(tok, "{}", req)
+    for prefix in ("Because it rained all day", "The Eiffel Tower is old"):  # the subject also in the prefix
+        template = prefix + ". {}"
+        loc = locate_in_template(tok, template, req)
+        text = template.replace("{}", req.text)
+        assert loc.ids == tok(text)["input_ids"]
+        assert tok.decode(loc.ids[loc.subject_last]) == " Tower"
+        # the occurrence in the prompt, not the one in the prefix
+        assert tok.decode(loc.ids[loc.subject_last + 1 :]) == " is located in"
+        head = tok.decode(loc.ids[: loc.subject_last + 1], skip_special_tokens=True)
+        assert head == prefix + ". The Eiffel Tower"
+        # same tokens after the subject as in the bare prompt
+        assert loc.ids[loc.subject_last + 1 :] == bare.ids[bare.subject_last + 1 :]
+
+
+def test_locate_subject_merged_with_neighbour(tokenizers):
+    """A token that straddles the subject's end still counts as the subject's last token."""
+    tok = tokenizers["plain"]
+    text = "Parisians love"
+    loc = locate_subject(tok, text, 0, len("Paris"))
+    spans = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    s, e = spans[loc.subject_last]
+    assert s < len("Paris") <= e or e == len("Paris")
+    assert all(not (s2 < len("Paris") and e2 > 0) for s2, e2 in spans[loc.subject_last + 1 :])
+    with pytest.raises(ValueError, match="not found"):
+        locate_subject(tok, "abc", 10, 12)
+
+
+# ================================================================ target values z (batched, MPES)
+REQUESTS = [
+    EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", id="a"),
+    EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", id="b"),
+    EditRequest(prompt="{} plays the sport of", subject="Lionel Messi", target_new="ice hockey", id="c"),
+]
+PREFIXES = ["Because it rained all day", "The weather"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir):
+    """A shared tiny llama (2 layers). Tests that change weights use `fresh_llama` instead."""
+    return open_model(tiny_model_dir("llama"))
+
+
+@pytest.fixture
+def fresh_llama(tiny_model_dir):
+    return open_model(tiny_model_dir("llama"))
+
+
+def _z(lm, reqs, templates, hp, z_layer=0):
+    return optimise_values(lm, reqs, templates, z_layer, hp, quiet=True)
+
+
+def _target_logprob(lm, req: EditRequest, z_layer: int, delta: torch.Tensor | None) -> float:
+    """Mean log p(target_new | bare prompt) with `delta` added to block z_layer's output at the subject."""
+    tok, model = lm.tokenizer, lm.model
+    loc = locate_in_template(tok, "{}", req)
+    target = tok(" " + req.target_new, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([loc.ids + target[:-1]])
+
+    def hook(_m, _i, out):
+        if delta is None:
+            return out
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[0, loc.subject_last] += delta.float()
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = model.get_submodule(lm.arch.block_name(z_layer)).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    finally:
+        handle.remove()
+    first = len(loc.ids) - 1
+    return float(sum(logp[first + j, t] for j, t in enumerate(target)) / len(target))
+
+
+def test_batched_values_equal_one_request_at_a_time(tiny_llama):
+    """All requests share one padded forward/backward per step; Adam is per element, so the result must be
+    what optimising each request alone gives (same steps, MPES off)."""
+    templates = context_templates(PREFIXES)
+    hp = ValueHParams(max_steps=3, mpes=False, loss_stop=0.0)
+    batched = _z(tiny_llama, REQUESTS, templates, hp)
+    assert batched.z.shape == (64, 3) and batched.z.dtype == torch.float64
+    assert batched.steps == [3, 3, 3]
+    for i, r in enumerate(REQUESTS):
+        alone = _z(tiny_llama, [r], templates, hp)
+        assert alone.steps == [3]
+        assert torch.allclose(batched.z[:, i], alone.z[:, 0], atol=1e-4, rtol=1e-4), r.id
+    # z = h + δ with 0 < ‖δ‖ ≤ clamp·‖h‖, and δ raises p(target_new)
+    _, h = keys_and_outputs(tiny_llama, REQUESTS, templates, 0, 0)
+    delta = batched.z - h
+    for i, r in enumerate(REQUESTS):
+        assert 0 < delta[:, i].norm() <= hp.clamp * h[:, i].norm() * (1 + 1e-5)
+        assert _target_logprob(tiny_llama, r, 0, delta[:, i]) > _target_logprob(tiny_llama, r, 0, None) + 0.1
+
+
+def _easy_request(lm) -> EditRequest:
+    """A request whose target is already the model's top-1 after the bare prompt (converged at step 0)."""
+    tok = lm.tokenizer
+    for subject in ("Paris", "Rome", "Berlin", "Tokyo", "Madrid", "Oslo", "Cairo", "Lima"):
+        text = f"The city of {subject}"
+        with torch.no_grad():
+            top = int(lm.model(input_ids=torch.tensor([tok(text)["input_ids"]])).logits[0, -1].argmax())
+        piece = tok.decode([top])
+        if piece.startswith(" ") and piece.strip() and tok(piece, add_special_tokens=False)["input_ids"] == [top]:
+            return EditRequest(prompt="The city of {}", subject=subject, target_new=piece[1:], id="easy")
+    pytest.skip("no prompt whose top-1 is a round-tripping word")
+
+
+def test_mpes_stops_each_request_on_its_own_and_freezes_it(tiny_llama):
+    templates = context_templates([])  # the bare prompt only: the easy request is converged from the start
+    easy = _easy_request(tiny_llama)
+    hard = [REQUESTS[1], REQUESTS[2]]
+    hp = ValueHParams(max_steps=4, mpes=True, mpes_extra=1)
+    res = _z(tiny_llama, [easy, *hard], templates, hp)
+    assert res.converged == [True, False, False]
+    assert res.steps == [1, 4, 4]  # the easy one: converged at step 0, then `mpes_extra` more steps
+    # Its δ stayed frozen while the others went on: the same z as optimising it alone (which stops after 1 step)
+    alone = _z(tiny_llama, [easy], templates, hp)
+    assert alone.steps == [1]
+    assert torch.allclose(res.z[:, 0], alone.z[:, 0], atol=1e-5)
+    # ...and not what 4 steps would have given it (Adam's momentum alone would have moved it)
+    longer = _z(tiny_llama, [easy], templates, dataclasses.replace(hp, mpes=False, loss_stop=0.0))
+    assert longer.steps == [4]
+    assert (longer.z[:, 0] - res.z[:, 0]).norm() > 1e-3
+    # the hard ones are unaffected by the easy one's early exit
+    for j, r in enumerate(hard, start=1):
+        assert torch.allclose(res.z[:, j], _z(tiny_llama, [r], templates, hp).z[:, 0], atol=1e-4)
+    # mpes_extra = 0: stops at once, δ = 0
+    res0 = _z(tiny_llama, [easy], templates, dataclasses.replace(hp, mpes_extra=0))
+    _, h = keys_and_outputs(tiny_llama, [easy], templates, 0, 0)
+    assert res0.steps == [0] and res0.converged == [True]
+    assert torch.allclose(res0.z, h, atol=1e-6)
+
+
+# ================================================================ Editor: solve wiring, null space, atomicity
+def _identity_stats(lm, layers):
+    d = lm.model.get_submodule(lm.arch.mlp_out_name(0)).in_features if not lm.arch.transposed else None
+    d = d or lm.arch.get_weight(lm.model, 0).shape[0]
+    return {li: torch.eye(d, dtype=torch.float64) for li in layers}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_editor_reaches_the_target_values(tiny_model_dir, family):
+    """MEMIT with a vanishing λ_p interpolates: after the last layer's solve, the z layer's output at the
+    subject is z (checks transposes, the spread over layers and R = z − h)."""
+    lm = open_model(tiny_model_dir(family))
+    layers = (0, 1)
+    hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0)
+    cfg = EditConfig(method="memit", layers=layers, lambda_p=1e-8, values=hp)
+    reqs = REQUESTS[:2]
+    templates = context_templates([])
+    z = _z(lm, reqs, templates, hp, z_layer=1).z
+    w0 = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=[], quiet=True)
+    report = editor.apply_batch(reqs)
+    _, h_after = keys_and_outputs(lm, reqs, templates, 1, 1)
+    assert torch.allclose(h_after, z, atol=1e-3 * z.abs().max())
+    for li in layers:
+        W = lm.arch.get_weight(lm.model, li)
+        assert torch.equal(W, w0[li] + report.deltas[li])  # the recorded delta is what was added
+        assert report.deltas[li].shape == W.shape
+        assert torch.allclose(editor.state[li].KpKpT, report.keys[li] @ report.keys[li].T)
+
+
+def test_editor_default_method_preserves_the_preserved_subspace(fresh_llama):
+    """After a real batch with the default method, the edited layer's output on keys from C's dominant
+    eigenspace is unchanged (to 1e-5), while keys in the null space do see the edit."""
+    lm = fresh_llama
+    layers = (0, 1)
+    d_ff = lm.arch.get_weight(lm.model, 0).shape[1]
+    stats, preserved, free = {}, {}, {}
+    for li in layers:
+        C, Q_large, Q_small = spectrum_covariance(d_ff, large=96, seed=li)
+        stats[li], preserved[li], free[li] = C, Q_large, Q_small
+    cfg = EditConfig(method="default", layers=layers, values=ValueHParams(max_steps=3))
+    editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True)
+    assert editor.cfg.values.mpes  # the default method is AlphaEdit's solve + MPES
+    for li in layers:
+        assert editor.state[li].null_basis.shape == (d_ff, d_ff - 96)
+    before = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    editor.apply_batch(REQUESTS)
+    g = _gen(5)
+    for li in layers:
+        down = lm.model.get_submodule(lm.arch.mlp_out_name(li))
+        W_after = down.weight.detach().clone()
+        assert (W_after - before[li]).norm() > 1e-3  # the edit did something
+        keys = (preserved[li] @ torch.randn(96, 40, generator=g, dtype=torch.float64)).float().T
+        with torch.no_grad():
+            out_after = down(keys)
+            down.weight.copy_(before[li])
+            out_before = down(keys)
+            down.weight.copy_(W_after)
+        assert (out_after - out_before).abs().max() < 1e-5, li
+        free_keys = (free[li] @ torch.randn(32, 5, generator=g, dtype=torch.float64)).float().T
+        assert ((W_after - before[li]) @ free_keys.T).abs().max() > 1e-3
+
+
+def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeypatch):
+    """A NaN at the second layer's solve: the first layer (already updated) is restored bit for bit."""
+    lm = fresh_llama
+    layers = (0, 1)
+    spec = METHODS["memit"]
+    calls = []
+
+    def solve(K, R, C, state, cfg):
+        calls.append(1)
+        dW = spec.solve(K, R, C, state, cfg)
+        return dW * float("nan") if len(calls) == 2 else dW
+
+    monkeypatch.setitem(METHODS, "memit", dataclasses.replace(spec, solve=solve))
+    cfg = EditConfig(method="memit", layers=layers, values=ValueHParams(max_steps=1))
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=[], quiet=True)
+    before = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    with pytest.raises(NonFiniteUpdateError, match="layer 1"):
+        editor.apply_batch(REQUESTS[:1])
+    assert len(calls) == 2
+    for li in layers:
+        assert torch.equal(lm.arch.get_weight(lm.model, li), before[li])
+        assert not editor.state[li].KpKpT.any()  # the failed batch's keys did not join the state
+
+
+def test_editor_method_registry_and_layer_checks(tiny_llama):
+    assert set(METHODS) == {"memit", "alphaedit", "encore", "default"}
+    assert METHODS["default"].mpes and METHODS["encore"].mpes
+    assert not METHODS["memit"].mpes and not METHODS["alphaedit"].mpes
+    stats = _identity_stats(tiny_llama, (0, 1))
+    with pytest.raises(UsageError, match="unknown method 'rome'"):
+        Editor(tiny_llama, EditConfig(method="rome"), stats, prefixes=[])
+    with pytest.raises(UsageError, match=r"\[5\] out of range"):
+        Editor(tiny_llama, EditConfig(layers=(1, 5)), stats, prefixes=[])
+    ed = Editor(tiny_llama, EditConfig(method="memit", layers=(1, 0)), stats, prefixes=["x"])
+    assert ed.layers == (0, 1) and not ed.cfg.values.mpes
+    assert ed.templates == ["{}", "x. {}"]
+
+
+# ================================================================ configuration and the `edit` command's usage errors
+def test_parse_layers():
+    from edit2deploy.config import parse_layers
+
+    assert parse_layers("4-8") == (4, 5, 6, 7, 8)
+    assert parse_layers("6,4, 5") == (4, 5, 6)
+    assert parse_layers("4-6,9,5") == (4, 5, 6, 9)
+    for bad in ("x-y", "4-", "a", "1.5", "-1"):
+        with pytest.raises(UsageError, match="not a layer list"):
+            parse_layers(bad)
+    for empty in ("", "8-4", ","):
+        with pytest.raises(UsageError, match="empty layer list"):
+            parse_layers(empty)
+
+
+def test_edit_config_from_table():
+    from edit2deploy.config import edit_config_from
+
+    cfg = edit_config_from(
+        {"method": "encore", "layers": [3, 1], "lambda_n": 20, "tau": 0.05, "max_steps": 7, "mpes_extra": 2},
+        "x.toml",
+    )
+    assert cfg.method == "encore" and cfg.layers == (1, 3)
+    assert cfg.lambda_n == 20.0 and isinstance(cfg.lambda_n, float) and cfg.tau == 0.05
+    assert cfg.values.max_steps == 7 and cfg.values.mpes_extra == 2 and cfg.values.lr == 0.5
+    assert edit_config_from({"layers": "2-3"}, "x").layers == (2, 3)
+    for table, msg in [
+        ({"method": "rome"}, "field 'method'"),
+        ({"lambda_pp": 1.0}, "unknown field 'lambda_pp'"),
+        ({"values": {}}, "unknown field 'values'"),
+        ({"max_steps": 2.5}, "field 'max_steps': expected an integer"),
+        ({"max_steps": True}, "field 'max_steps': expected an integer"),
+        ({"alpha": "ten"}, "field 'alpha': expected a number"),
+        ({"mpes": 1}, "field 'mpes': expected true or false"),
+    ]:
+        with pytest.raises(UsageError, match=msg) as exc:
+            edit_config_from(table, "x.toml")
+        assert str(exc.value).startswith("x.toml: ")
+
+
+@pytest.fixture
+def cli_env(tmp_path, tiny_model_dir, monkeypatch, smollm2_dir):
+    monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}\n')
+    return {"model": tiny_model_dir("llama"), "edits": edits, "out": tmp_path / "out", "tmp": tmp_path}
+
+
+def _edit_cli(env, *extra, out=None):
+    from edit2deploy import cli
+
+    return cli.main(["edit", "--model", str(env["model"]), "--edits", str(env["edits"]),
+                     "--out", str(out or env["out"]), *extra])
+
+
+def _bad_toml(env, text):
+    f = env["tmp"] / "cfg.toml"
+    f.write_text(text)
+    return ["--config", str(f)]
+
+
+EDIT_USAGE_ERRORS = [
+    (["--method", "rome"], "method"),
+    (["--layers", "x-y"], "--layers: 'x-y' is not a layer list"),
+    (["--layers", "0-7"], "--layers: [2, 3, 4, 5, 6, 7] out of range (model has 2 layers: 0-1)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-3"], "--batch-size must be at least 1"),
+    ("toml:[edit\nx = 1", "not valid TOML"),
+    ("toml:[edit]\nlambda_pp = 1.0\n", "unknown field 'lambda_pp'"),
+    ("toml:[edit]\nmax_steps = 'many'\n", "field 'max_steps': expected an integer"),
+    ("toml:[editing]\nmethod = 'memit'\n", "unknown table"),
+    (["--config", "/nonexistent/cfg.toml"], "file not found"),
+    (["--method"], "expected one argument"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), EDIT_USAGE_ERRORS)
+def test_edit_usage_errors_exit_2_with_one_line(cli_env, capsys, extra, message):
+    if isinstance(extra, str):
+        extra = _bad_toml(cli_env, extra.removeprefix("toml:"))
+    t = time.perf_counter()
+    assert _edit_cli(cli_env, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("edit2deploy: error: ") and message in err[0]
+    assert not cli_env["out"].exists()
+    assert not (cli_env["tmp"] / "cache").exists()  # refused before any statistics were computed
+    assert time.perf_counter() - t < 10
+
+
+def test_edit_out_equal_to_input_or_existing(cli_env, capsys, tmp_path):
+    from shutil import copytree
+
+    model = tmp_path / "model"
+    copytree(cli_env["model"], model)
+    before = tree_digest(model)
+    env = {**cli_env, "model": model}
+    assert _edit_cli(env, out=model) == 2
+    assert "is the input model directory" in capsys.readouterr().err
+    assert tree_digest(model) == before
+    cli_env["out"].mkdir()
+    (cli_env["out"] / "keep.txt").write_text("mine")
+    assert _edit_cli(cli_env) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists (use --force" in err[0]
+    assert (cli_env["out"] / "keep.txt").read_text() == "mine"
+
+
+def test_edit_usage_error_in_a_real_process(cli_env):
+    """The same through `python -m edit2deploy`: exit status 2 and exactly one line on stderr."""
+    p = run_cli("edit", "--model", str(cli_env["model"]), "--edits", str(cli_env["edits"]),
+                "--out", str(cli_env["out"]), "--layers", "x-y")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["edit2deploy: error: --layers: 'x-y' is not a layer list "
+                                             "(expected e.g. 4-8 or 4,5,6)"]
+    assert not cli_env["out"].exists()
+
+
+# ================================================================ real model (slow)
+@pytest.mark.slow
+def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
+    """4 CounterFact cases, default method, layers 4-8, statistics from 20k tokens of WikiText: every edit
+    prompt now prefers the new target over the true one, which the unedited model did not."""
+    from edit2deploy.checks import probes_for, rates, run_probes
+    from edit2deploy.editing import edit_model
+    from edit2deploy.requests import load_requests
+    from edit2deploy.scoring import TorchScorer
+
+    requests = load_requests(COUNTERFACT_VAL, limit=4)
+    assert len(requests) == 4
+    corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    before_files = tree_digest(smollm2_dir)
+    run = edit_model("smollm2-135m", requests, tmp_path / "out", cfg=EditConfig(layers=(4, 5, 6, 7, 8)),
+                     corpus=corpus, n_tokens=20_000, quiet=True)
+    assert run.failed is None and len(run.batches) == 1
+    assert tree_digest(smollm2_dir) == before_files
+    probes = probes_for(requests, ["edit"])
+    base = rates(run_probes(TorchScorer(smollm2.model, smollm2.tokenizer), probes))["edit"]
+    edited_lm = open_model(run.out)
+    results = run_probes(TorchScorer(edited_lm.model, edited_lm.tokenizer), probes)
+    after = rates(results)["edit"]
+    assert after == 100.0, [(r.probe.prompt, r.margin) for r in results]
+    assert base < after
+    rec = run.batches[0]
+    assert all(rec["converged"]), rec["steps"]  # MPES stopped every request once its target was top-1
+    assert all(s < 25 for s in rec["steps"])
