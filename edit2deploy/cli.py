@@ -45,7 +45,8 @@ def _fmt_p(lp: float | None) -> str:
     return "-" if lp is None else f"{math.exp(lp):.3f}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=sys.stdout) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
+    out = out or sys.stdout
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
@@ -271,7 +272,15 @@ def _deploy_commands() -> tuple[Callable, ...]:
     return (add_export, add_verify)
 
 
-COMMANDS: tuple[Callable, ...] = (_add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands())
+def _run_commands() -> tuple[Callable, ...]:
+    from .cli_run import add_demo, add_run
+
+    return (add_run, add_demo)
+
+
+COMMANDS: tuple[Callable, ...] = (
+    _add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands(), *_run_commands()
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,13 @@ def add_export(sub) -> Callable:
     p.add_argument("--patch", default=None,
                    help="gguf patch mode: a base .gguf whose other tensors are kept byte-identical "
                         "('auto': the .gguf the base model was opened from)")
+    onnx = p.add_argument_group("onnx options")
+    onnx.add_argument("--execution-provider", default=None, help="cpu (default) or cuda")
+    onnx.add_argument("--block-size", type=int, default=None, help="int4 block size (16, 32, 64, 128, 256; default 32)")
+    onnx.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level 1-4")
+    onnx.add_argument("--onnx-backend", default=None, help="auto | builder | torch (fallback for e.g. GPT-2)")
+    onnx.add_argument("--onnx-embeddings", default=None, help="float | int4 (int4 embedding at int4 quant)")
+    onnx.add_argument("--onnx-lm-head", default=None, help="int8 | float | int4")
     p.add_argument("--json", action="store_true")
     return cmd_export
 
@@ -51,6 +58,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.quant is None and patch is None:
         raise UsageError(f"--quant is required (one of: {', '.join(exporter.quants())})")
     kwargs = {"patch_base": patch} if patch is not None else {}
+    onnx_opts = {
+        "execution_provider": args.execution_provider, "block_size": args.block_size,
+        "accuracy_level": args.accuracy_level, "backend": args.onnx_backend,
+        "embeddings": args.onnx_embeddings, "lm_head": args.onnx_lm_head,
+    }
+    given = {k: v for k, v in onnx_opts.items() if v is not None}
+    if given and exporter.name != "onnx":
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')} applies to --format onnx only")
+    kwargs.update(given)
     art = exporter.export(model_dir, args.out, args.quant, args.protect_edits, **kwargs)
     if args.json:
         print(json.dumps(art.to_json(), indent=1))
@@ -87,6 +103,7 @@ def baseline_path(artifact, base_fingerprint: str) -> Path:
         "base": base_fingerprint, "format": artifact.format, "quant": artifact.quant, "mode": artifact.mode,
         "protect": artifact.protect_edits, "edited": sorted(artifact.edited_names),
         "patch": None if artifact.base is None else [str(artifact.base), artifact.base.stat().st_size],
+        "options": {k: artifact.extra.get(k) for k in ("options", "execution_provider", "backend")},
     }, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "baselines" / f"{artifact.format}-{artifact.quant}-{digest}" / artifact.path.name

@@ -60,6 +60,10 @@ def edit_config_from(table: dict, where: str, base: EditConfig | None = None) ->
             changes[key] = parse_layers(",".join(map(str, value)) if isinstance(value, list) else value, where)
         elif key in top and key != "values":
             changes[key] = _typed(where, key, value, getattr(base, key))
+        elif key == "mpes":
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: field 'mpes': expected true or false")
+            vchanges[key] = value
         elif key in val:
             vchanges[key] = _typed(where, key, value, getattr(base.values, key))
         else:

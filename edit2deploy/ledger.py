@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
@@ -86,7 +87,7 @@ class Ledger:
             originals = load_file(d / ORIGINAL_FILE) if (d / ORIGINAL_FILE).is_file() else {}
             method_state = load_file(d / METHOD_STATE_FILE) if (d / METHOD_STATE_FILE).is_file() else {}
             batches = {p.stem: load_file(p) for p in sorted((d / BATCH_DIR).glob("*.safetensors"))}
-        except (OSError, json.JSONDecodeError, ValueError) as exc:
+        except (OSError, json.JSONDecodeError, ValueError, SafetensorError) as exc:
             raise UsageError(f"{d}: the edit ledger is damaged ({exc})") from exc
         return cls(state, records, originals, batches, method_state)
 

@@ -99,17 +99,19 @@ def _file_texts(f: Path) -> Iterator[str]:
 
 
 def corpus_token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, quiet: bool = False) -> list[list[int]]:
-    """Token id sequences (each ≤ MAX_SEQ_LEN) totalling about `n_tokens`."""
+    """Token id sequences (each ≤ MAX_SEQ_LEN and ≤ the model's context length) totalling about `n_tokens`."""
     if corpus.path is None:
         return generated_token_chunks(lm, n_tokens, quiet=quiet)
     tok = lm.tokenizer
+    context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    seq_len = min(MAX_SEQ_LEN, context or MAX_SEQ_LEN)
     chunks: list[list[int]] = []
     total = 0
     for f in _corpus_files(corpus.path):
         for text in _file_texts(f):
             ids = tok(text, add_special_tokens=True)["input_ids"]
-            for s in range(0, len(ids), MAX_SEQ_LEN):
-                piece = ids[s : s + MAX_SEQ_LEN]
+            for s in range(0, len(ids), seq_len):
+                piece = ids[s : s + seq_len]
                 if len(piece) < 8:
                     continue
                 piece = piece[: n_tokens - total]

@@ -156,6 +156,7 @@ class Exporter(Protocol):
 # format name -> module (relative to this package) holding a module-level `EXPORTER`
 _FORMAT_MODULES: dict[str, str] = {
     "gguf": ".gguf",
+    "onnx": ".onnx",
 }
 
 

@@ -103,8 +103,17 @@ class GenAIScorer:
 
     name = "onnxruntime-genai"
 
-    def __init__(self, model_dir: Path | str, provider: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: Path | str,
+        provider: str = "cpu",
+        threads: int | None = None,
+        prompt_prefix: Sequence[int] | None = None,
+    ):
+        """`prompt_prefix`: ids to put before a prompt whose encoding lacks them (the BOS the Hugging Face
+        tokenizer adds and onnxruntime-genai's does not; see `onnx.tokenizer_report`)."""
         og = require_genai()
+        self.prompt_prefix = [int(x) for x in prompt_prefix or ()]
         self.og = og
         self.model_dir = Path(model_dir)
         self.provider = provider
@@ -125,6 +134,9 @@ class GenAIScorer:
 
     def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
         p_ids = self.encode(prompt)
+        pre_p = self.prompt_prefix
+        if pre_p and p_ids[: len(pre_p)] != pre_p:
+            p_ids = pre_p + p_ids
         c_ids = self.encode(continuation)
         pre = self._special_prefix
         if pre and c_ids[: len(pre)] == pre:
@@ -245,9 +257,9 @@ class OrtScorer:
             elif name == "position_ids":
                 feed[name] = np.clip(mask.cumsum(-1) - 1, 0, None).astype(int_type)
             elif name.startswith("past_key_values"):
-                shape = [
-                    ids.shape[0] if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(info.shape)
-                ]
+                # empty cache: [batch, kv_heads, 0, head_size]
+                shape = [ids.shape[0], self._kv_dim(info.shape[1], "num_key_value_heads"), 0]
+                shape.append(self._kv_dim(info.shape[3], "head_size"))
                 dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(
                     info.type, np.float32
                 )
@@ -255,6 +267,17 @@ class OrtScorer:
             else:
                 raise UsageError(f"{self.model_dir}: unexpected model input '{name}'")
         return feed
+
+    def _kv_dim(self, dim: Any, key: str) -> int:
+        """A KV-cache dimension: fixed in the graph, or from genai_config.json's decoder section."""
+        if isinstance(dim, int):
+            return dim
+        cfg_path = self.model_dir / GENAI_CONFIG
+        if cfg_path.is_file():
+            decoder = json.loads(cfg_path.read_text()).get("model", {}).get("decoder", {})
+            if isinstance(decoder.get(key), int):
+                return int(decoder[key])
+        raise UsageError(f"{self.model_dir}: cannot size the empty KV-cache input ({key} is '{dim}')")
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray([list(ids)], dtype=np.int64)

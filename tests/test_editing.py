@@ -10,16 +10,21 @@ import time
 
 import pytest
 import torch
+from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
 
 from edit2deploy.errors import NonFiniteUpdateError, UsageError
 from edit2deploy.methods import METHODS, EditConfig, Editor
 from edit2deploy.methods.keys import context_templates, keys_and_outputs, locate_in_template, locate_subject
-from edit2deploy.methods.solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
+from edit2deploy.methods.solves import (
+    alphaedit_update,
+    encore_update,
+    memit_update,
+    null_space_basis,
+    projector,
+)
 from edit2deploy.methods.values import ValueHParams, optimise_values
 from edit2deploy.models import open_model
 from edit2deploy.requests import EditRequest
-
-from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
 
 D_IN, D_OUT, N, N_PREV, N_OLD = 12, 7, 5, 4, 30
 
@@ -100,7 +105,9 @@ def _lstsq_rows(blocks_A: list[torch.Tensor], blocks_B: list[torch.Tensor]) -> t
 def test_memit_equals_least_squares(lambda_p):
     """MEMIT: min ‖ΔW K − R‖² + λ_p tr(ΔW C ΔWᵀ), with C = K0 K0ᵀ / n0 so the penalty is ‖ΔW K0‖²·λ_p/n0."""
     K, R, K0, C, _ = _problem()
-    ref = _lstsq_rows([K, math.sqrt(lambda_p / N_OLD) * K0], [R, torch.zeros(D_OUT, N_OLD, dtype=torch.float64)])
+    ref = _lstsq_rows(
+        [K, math.sqrt(lambda_p / N_OLD) * K0], [R, torch.zeros(D_OUT, N_OLD, dtype=torch.float64)]
+    )
     dW = memit_update(K, R, C, lambda_p)
     assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
 
@@ -120,14 +127,20 @@ def test_encore_equals_least_squares(lambda_p, lambda_n):
     z = torch.zeros
     ref = _lstsq_rows(
         [K, math.sqrt(lambda_p / N_OLD) * K0, math.sqrt(lambda_n) * torch.eye(D_IN, dtype=torch.float64), Kp],
-        [R, z(D_OUT, N_OLD, dtype=torch.float64), z(D_OUT, D_IN, dtype=torch.float64),
-         z(D_OUT, N_PREV, dtype=torch.float64)],
+        [
+            R,
+            z(D_OUT, N_OLD, dtype=torch.float64),
+            z(D_OUT, D_IN, dtype=torch.float64),
+            z(D_OUT, N_PREV, dtype=torch.float64),
+        ],
     )
     dW = encore_update(K, R, C, Kp @ Kp.T, lambda_p, lambda_n)
     assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
     # with no earlier keys and λ_n = 0 it is MEMIT
     zero = torch.zeros(D_IN, D_IN, dtype=torch.float64)
-    assert torch.allclose(encore_update(K, R, C, zero, lambda_p, 0.0), memit_update(K, R, C, lambda_p), rtol=1e-10)
+    assert torch.allclose(
+        encore_update(K, R, C, zero, lambda_p, 0.0), memit_update(K, R, C, lambda_p), rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.3, 10.0])
@@ -138,7 +151,7 @@ def test_alphaedit_equals_least_squares(alpha):
     Writing X = Y Uᵀ (P = U Uᵀ, U orthonormal) makes this an ordinary least-squares problem in Y:
     Y [Uᵀ K, Uᵀ Kp, √α I] ≈ [R, 0, 0], strictly convex, so X is unique. The paper's closed form
     X = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹ must give the same X."""
-    K, R, _, C, Kp = _problem(2)
+    K, R, _, _, Kp = _problem(2)
     C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=3)
     U = null_space_basis(C_spec, tau=2e-2)
     r = U.shape[1]
@@ -178,7 +191,7 @@ def test_alphaedit_with_full_projector_is_ridge_regression():
 
 
 def test_solves_accept_float32_inputs_and_compute_in_float64():
-    K, R, _, C, Kp = _problem(4)
+    K, R, _, C, _ = _problem(4)
     dW32 = memit_update(K.float(), R.float(), C.float(), 3.0)
     assert dW32.dtype == torch.float64
     assert torch.allclose(dW32, memit_update(K.float().double(), R.float().double(), C.float().double(), 3.0))
@@ -248,14 +261,14 @@ def test_locate_in_prefixed_template(tokenizers, kind):
 
 
 def test_locate_subject_merged_with_neighbour(tokenizers):
-    """A token that straddles the subject's end still counts as the subject's last token."""
+    """A token that straddles the subject's end ("Par|iser" for the subject "Paris") is its last token."""
     tok = tokenizers["plain"]
-    text = "Parisians love"
-    loc = locate_subject(tok, text, 0, len("Paris"))
-    spans = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    loc = locate_subject(tok, "Pariser Platz", 0, len("Paris"))
+    spans = tok("Pariser Platz", return_offsets_mapping=True)["offset_mapping"]
     s, e = spans[loc.subject_last]
-    assert s < len("Paris") <= e or e == len("Paris")
-    assert all(not (s2 < len("Paris") and e2 > 0) for s2, e2 in spans[loc.subject_last + 1 :])
+    assert s < len("Paris") < e  # the straddling token ("iser")
+    assert tok.decode(loc.ids[: loc.subject_last + 1]) == "Pariser"
+    assert locate_subject(tok, "Parisians love", 0, len("Paris")).subject_last == 0  # clean boundary
     with pytest.raises(ValueError, match="not found"):
         locate_subject(tok, "abc", 10, 12)
 
@@ -263,7 +276,9 @@ def test_locate_subject_merged_with_neighbour(tokenizers):
 # ================================================================ target values z (batched, MPES)
 REQUESTS = [
     EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", id="a"),
-    EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", id="b"),
+    EditRequest(
+        prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", id="b"
+    ),
     EditRequest(prompt="{} plays the sport of", subject="Lionel Messi", target_new="ice hockey", id="c"),
 ]
 PREFIXES = ["Because it rained all day", "The weather"]
@@ -308,11 +323,12 @@ def _target_logprob(lm, req: EditRequest, z_layer: int, delta: torch.Tensor | No
     return float(sum(logp[first + j, t] for j, t in enumerate(target)) / len(target))
 
 
-def test_batched_values_equal_one_request_at_a_time(tiny_llama):
+@pytest.mark.parametrize("lr", [0.5, 0.05])  # δ on the clamp sphere after one step / inside the ball
+def test_batched_values_equal_one_request_at_a_time(tiny_llama, lr):
     """All requests share one padded forward/backward per step; Adam is per element, so the result must be
     what optimising each request alone gives (same steps, MPES off)."""
     templates = context_templates(PREFIXES)
-    hp = ValueHParams(max_steps=3, mpes=False, loss_stop=0.0)
+    hp = ValueHParams(lr=lr, max_steps=3, mpes=False, loss_stop=0.0)
     batched = _z(tiny_llama, REQUESTS, templates, hp)
     assert batched.z.shape == (64, 3) and batched.z.dtype == torch.float64
     assert batched.steps == [3, 3, 3]
@@ -325,7 +341,9 @@ def test_batched_values_equal_one_request_at_a_time(tiny_llama):
     delta = batched.z - h
     for i, r in enumerate(REQUESTS):
         assert 0 < delta[:, i].norm() <= hp.clamp * h[:, i].norm() * (1 + 1e-5)
-        assert _target_logprob(tiny_llama, r, 0, delta[:, i]) > _target_logprob(tiny_llama, r, 0, None) + 0.1
+        assert (
+            _target_logprob(tiny_llama, r, 0, delta[:, i]) > _target_logprob(tiny_llama, r, 0, None) + lr / 5
+        )
 
 
 def _easy_request(lm) -> EditRequest:
@@ -336,7 +354,11 @@ def _easy_request(lm) -> EditRequest:
         with torch.no_grad():
             top = int(lm.model(input_ids=torch.tensor([tok(text)["input_ids"]])).logits[0, -1].argmax())
         piece = tok.decode([top])
-        if piece.startswith(" ") and piece.strip() and tok(piece, add_special_tokens=False)["input_ids"] == [top]:
+        if (
+            piece.startswith(" ")
+            and piece.strip()
+            and tok(piece, add_special_tokens=False)["input_ids"] == [top]
+        ):
             return EditRequest(prompt="The city of {}", subject=subject, target_new=piece[1:], id="easy")
     pytest.skip("no prompt whose top-1 is a round-tripping word")
 
@@ -345,13 +367,16 @@ def test_mpes_stops_each_request_on_its_own_and_freezes_it(tiny_llama):
     templates = context_templates([])  # the bare prompt only: the easy request is converged from the start
     easy = _easy_request(tiny_llama)
     hard = [REQUESTS[1], REQUESTS[2]]
-    hp = ValueHParams(max_steps=4, mpes=True, mpes_extra=1)
+    # a small lr keeps δ inside the clamp ball, where momentum alone would visibly move a finished request
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, mpes_extra=1)
     res = _z(tiny_llama, [easy, *hard], templates, hp)
     assert res.converged == [True, False, False]
     assert res.steps == [1, 4, 4]  # the easy one: converged at step 0, then `mpes_extra` more steps
     # Its δ stayed frozen while the others went on: the same z as optimising it alone (which stops after 1 step)
     alone = _z(tiny_llama, [easy], templates, hp)
     assert alone.steps == [1]
+    _, h = keys_and_outputs(tiny_llama, [easy], templates, 0, 0)
+    assert 0 < (alone.z - h).norm() < 0.5 * hp.clamp * h.norm()
     assert torch.allclose(res.z[:, 0], alone.z[:, 0], atol=1e-5)
     # ...and not what 4 steps would have given it (Adam's momentum alone would have moved it)
     longer = _z(tiny_llama, [easy], templates, dataclasses.replace(hp, mpes=False, loss_stop=0.0))
@@ -362,16 +387,14 @@ def test_mpes_stops_each_request_on_its_own_and_freezes_it(tiny_llama):
         assert torch.allclose(res.z[:, j], _z(tiny_llama, [r], templates, hp).z[:, 0], atol=1e-4)
     # mpes_extra = 0: stops at once, δ = 0
     res0 = _z(tiny_llama, [easy], templates, dataclasses.replace(hp, mpes_extra=0))
-    _, h = keys_and_outputs(tiny_llama, [easy], templates, 0, 0)
     assert res0.steps == [0] and res0.converged == [True]
     assert torch.allclose(res0.z, h, atol=1e-6)
 
 
 # ================================================================ Editor: solve wiring, null space, atomicity
 def _identity_stats(lm, layers):
-    d = lm.model.get_submodule(lm.arch.mlp_out_name(0)).in_features if not lm.arch.transposed else None
-    d = d or lm.arch.get_weight(lm.model, 0).shape[0]
-    return {li: torch.eye(d, dtype=torch.float64) for li in layers}
+    d_in = lm.arch.to_out_in(lm.arch.get_weight(lm.model, 0)).shape[1]
+    return {li: torch.eye(d_in, dtype=torch.float64) for li in layers}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -520,8 +543,18 @@ def cli_env(tmp_path, tiny_model_dir, monkeypatch, smollm2_dir):
 def _edit_cli(env, *extra, out=None):
     from edit2deploy import cli
 
-    return cli.main(["edit", "--model", str(env["model"]), "--edits", str(env["edits"]),
-                     "--out", str(out or env["out"]), *extra])
+    return cli.main(
+        [
+            "edit",
+            "--model",
+            str(env["model"]),
+            "--edits",
+            str(env["edits"]),
+            "--out",
+            str(out or env["out"]),
+            *extra,
+        ]
+    )
 
 
 def _bad_toml(env, text):
@@ -579,11 +612,20 @@ def test_edit_out_equal_to_input_or_existing(cli_env, capsys, tmp_path):
 
 def test_edit_usage_error_in_a_real_process(cli_env):
     """The same through `python -m edit2deploy`: exit status 2 and exactly one line on stderr."""
-    p = run_cli("edit", "--model", str(cli_env["model"]), "--edits", str(cli_env["edits"]),
-                "--out", str(cli_env["out"]), "--layers", "x-y")
+    p = run_cli(
+        "edit",
+        "--model",
+        str(cli_env["model"]),
+        "--edits",
+        str(cli_env["edits"]),
+        "--out",
+        str(cli_env["out"]),
+        "--layers",
+        "x-y",
+    )
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["edit2deploy: error: --layers: 'x-y' is not a layer list "
-                                             "(expected e.g. 4-8 or 4,5,6)"]
+    expected = "edit2deploy: error: --layers: 'x-y' is not a layer list (expected e.g. 4-8 or 4,5,6)"
+    assert p.stderr.strip().splitlines() == [expected]
     assert not cli_env["out"].exists()
 
 
@@ -601,8 +643,15 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     assert len(requests) == 4
     corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     before_files = tree_digest(smollm2_dir)
-    run = edit_model("smollm2-135m", requests, tmp_path / "out", cfg=EditConfig(layers=(4, 5, 6, 7, 8)),
-                     corpus=corpus, n_tokens=20_000, quiet=True)
+    run = edit_model(
+        "smollm2-135m",
+        requests,
+        tmp_path / "out",
+        cfg=EditConfig(layers=(4, 5, 6, 7, 8)),
+        corpus=corpus,
+        n_tokens=20_000,
+        quiet=True,
+    )
     assert run.failed is None and len(run.batches) == 1
     assert tree_digest(smollm2_dir) == before_files
     probes = probes_for(requests, ["edit"])

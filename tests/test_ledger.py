@@ -24,8 +24,18 @@ from edit2deploy.methods.values import ValueHParams
 from edit2deploy.models import open_model
 
 REQUESTS = [
-    {"id": "eiffel", "prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
-    {"id": "darrieux", "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {
+        "id": "eiffel",
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+    },
+    {
+        "id": "darrieux",
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+    },
     {"id": "messi", "prompt": "{} plays the sport of", "subject": "Lionel Messi", "target_new": "ice hockey"},
 ]
 LAYERS = (0, 1)
@@ -55,13 +65,20 @@ def env(tmp_path_factory, tiny_model_dir):
     """A private statistics cache for the module, a corpus file, the edit file and the base model."""
     root = tmp_path_factory.mktemp("ledger")
     corpus = root / "corpus.txt"
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    text = (
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    ).read_text()
     corpus.write_text(text[:40_000])
     base = tiny_model_dir("llama")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDIT2DEPLOY_CACHE", str(root / "cache"))
         mp.setenv("TQDM_DISABLE", "1")
-        yield {"root": root, "corpus": corpus, "edits": write_edits(root / "edits.jsonl", REQUESTS), "base": base}
+        yield {
+            "root": root,
+            "corpus": corpus,
+            "edits": write_edits(root / "edits.jsonl", REQUESTS),
+            "base": base,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +86,16 @@ def three(env):
     """Three sequential batches of one request each, in one invocation."""
     before = tree_digest(env["base"])
     out = env["root"] / "three"
-    run = edit_model(str(env["base"]), env["edits"], out, cfg=CFG, batch_size=1, corpus=env["corpus"],
-                     n_tokens=N_TOKENS, quiet=True)
+    run = edit_model(
+        str(env["base"]),
+        env["edits"],
+        out,
+        cfg=CFG,
+        batch_size=1,
+        corpus=env["corpus"],
+        n_tokens=N_TOKENS,
+        quiet=True,
+    )
     assert tree_digest(env["base"]) == before  # the input model directory is only read
     return run, out
 
@@ -187,8 +212,13 @@ def test_rollback_after_middle_rollback_and_further_edit(env, three, tmp_path):
 
 def test_rollback_usage_errors(env, three, tmp_path):
     _, out = three
-    for kw, msg in [({"last": 0}, "--last 0"), ({"last": 4}, "3 active"), ({"batch": "batch-0009"}, "no batch"),
-                    ({}, "exactly one"), ({"last": 1, "batch": "batch-0001"}, "exactly one")]:
+    for kw, msg in [
+        ({"last": 0}, "--last 0"),
+        ({"last": 4}, "3 active"),
+        ({"batch": "batch-0009"}, "no batch"),
+        ({}, "exactly one"),
+        ({"last": 1, "batch": "batch-0001"}, "exactly one"),
+    ]:
         with pytest.raises(UsageError, match=msg):
             rollback(out, **kw)
     with pytest.raises(UsageError, match="no edit ledger"):
@@ -196,7 +226,9 @@ def test_rollback_usage_errors(env, three, tmp_path):
     assert Ledger.load(env["base"]) is None
 
 
-@pytest.mark.parametrize("command", [["log"], ["rollback", "--last", "1"], ["rollback", "--batch", "batch-0001"]])
+@pytest.mark.parametrize(
+    "command", [["log"], ["rollback", "--last", "1"], ["rollback", "--batch", "batch-0001"]]
+)
 def test_cli_log_and_rollback_on_unedited_dir(env, command, capsys):
     assert cli.main([command[0], "--model", str(env["base"]), *command[1:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -219,7 +251,9 @@ def test_second_invocation_continues_the_ledger(env, three, tmp_path):
     _edit(env, write_edits(tmp_path / "e1.jsonl", REQUESTS[:1]), out1)
     before = tree_digest(out1)
     # continuing: corpus and token count come from the ledger (giving different ones is an error)
-    run = _edit(env, write_edits(tmp_path / "e2.jsonl", REQUESTS[1:2]), out2, model=out1, corpus=None, n_tokens=None)
+    run = _edit(
+        env, write_edits(tmp_path / "e2.jsonl", REQUESTS[1:2]), out2, model=out1, corpus=None, n_tokens=None
+    )
     assert tree_digest(out1) == before
     assert [b["id"] for b in run.batches] == ["batch-0002"]
     led1, led2, led3 = Ledger.load(out1), Ledger.load(out2), Ledger.load(out3)
@@ -234,7 +268,7 @@ def test_second_invocation_continues_the_ledger(env, three, tmp_path):
         assert torch.equal(w2[name], expect)  # in fact bit for bit: same operations in the same order
     # the method state carried over: Σ Kp Kpᵀ from the stored keys, and the same null-space basis
     lm1 = open_model(out1)
-    editor, ledger, _ = prepare_editor(lm1, CFG, quiet=True)
+    editor, _, _ = prepare_editor(lm1, CFG, quiet=True)
     for li in LAYERS:
         K1 = led1.batch_tensors["batch-0001"][f"keys.{li}"]
         assert torch.equal(editor.state[li].KpKpT, K1 @ K1.T)
@@ -256,8 +290,12 @@ def test_output_appears_only_when_complete(env, tmp_path, monkeypatch):
     monkeypatch.setattr(Ledger, "write_into", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
-        _edit(env, write_edits(tmp_path / "e.jsonl", REQUESTS[:1]), out,
-              cfg=dataclasses.replace(CFG, values=ValueHParams(max_steps=1)))
+        _edit(
+            env,
+            write_edits(tmp_path / "e.jsonl", REQUESTS[:1]),
+            out,
+            cfg=dataclasses.replace(CFG, values=ValueHParams(max_steps=1)),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]  # no out, no temporary directory
 
 
@@ -276,9 +314,28 @@ def test_non_finite_batch_is_not_applied(env, three, tmp_path, monkeypatch, caps
     cfg_file = tmp_path / "edit.toml"
     cfg_file.write_text("[edit]\nmax_steps = 2\n")
     out = tmp_path / "out"
-    rc = cli.main(["--quiet", "edit", "--model", str(env["base"]), "--edits", str(env["edits"]), "--out", str(out),
-                   "--layers", "0-1", "--batch-size", "1", "--corpus", str(env["corpus"]),
-                   "--n-tokens", str(N_TOKENS), "--config", str(cfg_file)])
+    rc = cli.main(
+        [
+            "--quiet",
+            "edit",
+            "--model",
+            str(env["base"]),
+            "--edits",
+            str(env["edits"]),
+            "--out",
+            str(out),
+            "--layers",
+            "0-1",
+            "--batch-size",
+            "1",
+            "--corpus",
+            str(env["corpus"]),
+            "--n-tokens",
+            str(N_TOKENS),
+            "--config",
+            str(cfg_file),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "batch batch-0002 was not applied" in err and "not finite" in err
@@ -290,3 +347,41 @@ def test_non_finite_batch_is_not_applied(env, three, tmp_path, monkeypatch, caps
     rec1 = Ledger.load(three[1]).batch_record("batch-0001")
     for name in NAMES:  # the state after batch 1 exactly (the failed batch's first layer was restored)
         assert tensor_sha256(weights(out)[name]) == rec1["tensors"][name]["sha256_after"]
+
+
+@pytest.mark.parametrize("damage", ["batch-file", "original-file", "ledger-json"])
+def test_damaged_ledger_is_a_usage_error(three, tmp_path, damage, capsys):
+    _, out = three
+    d = tmp_path / "damaged"
+    shutil.copytree(out, d)
+    target = {
+        "batch-file": d / LEDGER_DIR / "batches" / "batch-0002.safetensors",
+        "original-file": d / LEDGER_DIR / "original.safetensors",
+        "ledger-json": d / LEDGER_DIR / "ledger.jsonl",
+    }[damage]
+    target.write_bytes(target.read_bytes()[:50])
+    with pytest.raises(UsageError, match="the edit ledger is damaged"):
+        Ledger.load(d)
+    assert cli.main(["rollback", "--model", str(d), "--last", "1"]) == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("family", "add_bos"), [("gpt2", False), ("gemma3_text", True)])
+def test_other_families_edit_and_roll_back(env, tiny_model_dir, tmp_path, family, add_bos):
+    """GPT-2 (Conv1D: weights stored transposed) and Gemma 3 (a tokenizer that prepends BOS)."""
+    base = tiny_model_dir(family, add_bos=add_bos)
+    out = tmp_path / "out"
+    run = _edit(
+        env, env["edits"], out, model=base, batch_size=None, cfg=dataclasses.replace(CFG, method="memit")
+    )
+    assert run.failed is None and len(run.batches) == 1 and len(run.batches[0]["requests"]) == 3
+    led = Ledger.load(out)
+    names = led.state["edited_tensors"]
+    assert len(names) == 2
+    b, o = weights(base), weights(out)
+    for name in b:
+        assert torch.equal(b[name], o[name]) == (name not in names), name
+    for name in names:
+        assert torch.equal(o[name], b[name] + led.batch_tensors["batch-0001"][f"delta.{name}"])
+    assert rollback(out, last=1)["verified"] == dict.fromkeys(names, True)
+    assert shas(out) == shas(base)

@@ -194,7 +194,8 @@ def test_corpus_text_file(lm, corpus_file):
     assert capped[-1] == expected[len(capped) - 1][: len(capped[-1])]
 
 
-def test_corpus_long_paragraph_is_cut_into_max_len_pieces(lm, tmp_path):
+def test_corpus_long_paragraph_is_cut_into_max_len_pieces(lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(lm.model.config, "max_position_embeddings", 4096)  # a long-context model: 1,024 caps
     f = tmp_path / "long.txt"
     f.write_text(" ".join(f"word{i}" for i in range(300)))
     ids = lm.tokenizer(f.read_text())["input_ids"]
@@ -208,7 +209,9 @@ def test_corpus_directory_of_txt_and_jsonl(lm, tmp_path):
     d = tmp_path / "corpus"
     (d / "sub").mkdir(parents=True)
     (d / "a.txt").write_text(PARAGRAPHS[0] + "\n\n" + PARAGRAPHS[1])
-    (d / "b.jsonl").write_text(json.dumps({"text": PARAGRAPHS[2]}) + "\n\n" + json.dumps({"text": PARAGRAPHS[4]}) + "\n")
+    (d / "b.jsonl").write_text(
+        json.dumps({"text": PARAGRAPHS[2]}) + "\n\n" + json.dumps({"text": PARAGRAPHS[4]}) + "\n"
+    )
     (d / "sub" / "c.txt").write_text(PARAGRAPHS[1])
     (d / "notes.md").write_text("# ignored " * 50)
     corpus = corpus_from_path(d)
@@ -271,3 +274,29 @@ def test_generated_corpus_samples_only_the_rows_it_needs(lm, monkeypatch):
     chunks = generated_token_chunks(lm, 30, seq_len=8, batch=32, quiet=True)
     assert sum(map(len, chunks)) == 30
     assert sizes == [4]  # ceil(30 / 8) rows, not 32
+
+
+def test_cli_stats_command(tiny_model_dir, corpus_file, cache, capsys):
+    from edit2deploy import cli
+
+    model = str(tiny_model_dir("llama"))
+    args = ["--quiet", "stats", "--model", model, "--corpus", str(corpus_file), "--n-tokens", "200"]
+    assert cli.main([*args, "--layers", "0-1"]) == 0
+    assert [f.name.split("-")[0] for f in _cached_files(cache)] == ["L0", "L1"]
+    # a layer the model does not have: a usage error before any work
+    assert cli.main([*args, "--layers", "1-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edit2deploy: error: --layers: [2, 3] out of range (model has 2 layers: 0-1)"]
+
+
+def test_corpus_pieces_fit_the_model_context(tiny_model_dir, tmp_path):
+    """A model with a 512-token context (the tiny GPT-2) gets pieces of at most 512 tokens, not 1,024."""
+    gpt2 = open_model(tiny_model_dir("gpt2"))
+    assert gpt2.model.config.n_positions == 512
+    f = tmp_path / "long.txt"
+    f.write_text(" ".join(f"word{i}" for i in range(300)))
+    ids = gpt2.tokenizer(f.read_text())["input_ids"]
+    chunks = corpus_token_chunks(gpt2, corpus_from_path(f), len(ids), quiet=True)
+    assert chunks == [ids[s : s + 512] for s in range(0, len(ids), 512)]
+    st = collect_key_stats(gpt2, [0, 1], chunks, quiet=True)
+    assert st[1].n_tokens == len(ids) and st[0].C.shape == (128, 128)

@@ -120,7 +120,8 @@ class Editor:
         self.lm, self.cfg, self.quiet = lm, cfg, quiet
         self.spec = method_spec(cfg.method)
         self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
-        self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=self.spec.mpes))
+        mpes = self.spec.mpes if cfg.values.mpes is None else cfg.values.mpes
+        self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=mpes))
         self.C = stats
         self.templates = context_templates(prefixes)
         self.state = state or {}
@@ -142,6 +143,7 @@ class Editor:
         ]
         values = ValueResult(
             z=torch.cat([p.z for p in parts], dim=1),
+            delta=torch.cat([p.delta for p in parts], dim=1),
             steps=[s for p in parts for s in p.steps],
             converged=[c for p in parts for c in p.converged],
         )
@@ -155,7 +157,9 @@ class Editor:
                 K, cur_z = keys_and_outputs(lm, requests, self.templates, li, self.layers[-1])
                 timings["keys"] += time.perf_counter() - t
                 t = time.perf_counter()
-                R = (values.z.to(cur_z.device) - cur_z) / (len(self.layers) - i)
+                if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
+                    z = cur_z + values.delta.to(cur_z.device)
+                R = (z - cur_z) / (len(self.layers) - i)
                 dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
