@@ -323,12 +323,23 @@ def _target_logprob(lm, req: EditRequest, z_layer: int, delta: torch.Tensor | No
     return float(sum(logp[first + j, t] for j, t in enumerate(target)) / len(target))
 
 
+def test_bf16_autocast_values_close_to_float32(tiny_llama):
+    """bf16 autocast (the default on CPUs with native bf16) finds nearly the float32 δ."""
+    templates = context_templates(PREFIXES)
+    base = dict(lr=0.05, max_steps=3, mpes=False, loss_stop=0.0)
+    f32 = _z(tiny_llama, REQUESTS, templates, ValueHParams(**base, dtype="float32"))
+    bf16 = _z(tiny_llama, REQUESTS, templates, ValueHParams(**base, dtype="bfloat16"))
+    rel = (f32.delta - bf16.delta).norm() / f32.delta.norm()
+    assert 0 < rel < 0.1, rel
+
+
 @pytest.mark.parametrize("lr", [0.5, 0.05])  # δ on the clamp sphere after one step / inside the ball
 def test_batched_values_equal_one_request_at_a_time(tiny_llama, lr):
     """All requests share one padded forward/backward per step; Adam is per element, so the result must be
-    what optimising each request alone gives (same steps, MPES off)."""
+    what optimising each request alone gives (same steps, MPES off). float32 matmuls: this is an exactness
+    check of the batching; bf16 autocast is checked separately below."""
     templates = context_templates(PREFIXES)
-    hp = ValueHParams(lr=lr, max_steps=3, mpes=False, loss_stop=0.0)
+    hp = ValueHParams(lr=lr, max_steps=3, mpes=False, loss_stop=0.0, dtype="float32")
     batched = _z(tiny_llama, REQUESTS, templates, hp)
     assert batched.z.shape == (64, 3) and batched.z.dtype == torch.float64
     assert batched.steps == [3, 3, 3]
@@ -368,7 +379,7 @@ def test_mpes_stops_each_request_on_its_own_and_freezes_it(tiny_llama):
     easy = _easy_request(tiny_llama)
     hard = [REQUESTS[1], REQUESTS[2]]
     # a small lr keeps δ inside the clamp ball, where momentum alone would visibly move a finished request
-    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, mpes_extra=1)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, mpes_extra=1, dtype="float32")
     res = _z(tiny_llama, [easy, *hard], templates, hp)
     assert res.converged == [True, False, False]
     assert res.steps == [1, 4, 4]  # the easy one: converged at step 0, then `mpes_extra` more steps
@@ -403,7 +414,7 @@ def test_editor_reaches_the_target_values(tiny_model_dir, family):
     subject is z (checks transposes, the spread over layers and R = z − h)."""
     lm = open_model(tiny_model_dir(family))
     layers = (0, 1)
-    hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0)
+    hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0, dtype="float32")
     cfg = EditConfig(method="memit", layers=layers, lambda_p=1e-8, values=hp)
     reqs = REQUESTS[:2]
     templates = context_templates([])
