@@ -42,13 +42,18 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
         pid_text = p.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and _pid_alive(int(pid_text)):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        remove_path(p)
         removed.append(p)
     return removed
+
+
+def remove_path(p: Path) -> None:
+    """Delete a file or directory tree (a link is removed, not followed); missing is fine."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 @contextlib.contextmanager

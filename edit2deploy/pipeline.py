@@ -36,13 +36,12 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import TEMP_MARK, _pid_alive
+from .atomic import TEMP_MARK, _pid_alive, _temp_sibling, remove_path
 from .errors import Edit2DeployError, UsageError
 
 if TYPE_CHECKING:
@@ -407,7 +406,7 @@ def _log_to_stderr(msg: str) -> None:
 
 
 def _temp_name(final: Path) -> Path:
-    return final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return _temp_sibling(final)
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:
@@ -421,11 +420,7 @@ def clean_stale_temps(directory: Path) -> list[Path]:
         pids = [int(m) for m in re.findall(re.escape(TEMP_MARK) + r"(\d+)-", p.name)]
         if not pids or any(_pid_alive(pid) for pid in pids):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        remove_path(p)
         removed.append(p)
     return removed
 
