@@ -123,8 +123,43 @@ def _add_edit(sub) -> Callable:
     p.add_argument("--limit", type=_positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    h = p.add_argument_group("quantization-aware hardening")
+    h.add_argument("--harden-for", default=None,
+                   help="targets the edits must survive, e.g. Q4_K_M,onnx:int4,bnb:nf4 (FORMAT:TYPE:none for "
+                        "unprotected export); facts predicted to flip are re-optimised and the batch re-solved")
+    h.add_argument("--harden-protect-edits", default="q8_0", help="protection the targets will be exported with")
+    h.add_argument("--harden-margin", type=float, default=None, help="nats/token the target must win by (default 1.0)")
+    h.add_argument("--harden-rounds", type=int, default=None, help="re-solve rounds per batch (default 3)")
+    h.add_argument("--harden-specificity", type=float, default=None,
+                   help="most neighbourhood points a round may cost before it is undone (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     return cmd_edit
+
+
+def _hardening(args: argparse.Namespace):
+    """(scheme factories, HardenConfig) from the --harden-* flags (empty when not asked for)."""
+    from .methods.harden import HardenConfig
+
+    if not args.harden_for:
+        if any(v is not None for v in (args.harden_margin, args.harden_rounds, args.harden_specificity)):
+            raise UsageError("--harden-margin/--harden-rounds/--harden-specificity need --harden-for")
+        return (), None
+    from .cli_predict import build_scheme, parse_schemes
+
+    specs = parse_schemes(args.harden_for, args.harden_protect_edits.lower())
+    base = HardenConfig()
+    cfg = HardenConfig(
+        margin=base.margin if args.harden_margin is None else args.harden_margin,
+        rounds=base.rounds if args.harden_rounds is None else args.harden_rounds,
+        specificity_limit=base.specificity_limit if args.harden_specificity is None else args.harden_specificity,
+    )
+    if cfg.margin <= 0 or cfg.rounds < 1:
+        raise UsageError("--harden-margin must be > 0 and --harden-rounds ≥ 1")
+
+    def factory(spec):
+        return lambda lm, edited: build_scheme(spec, lm.model_dir, edited_tensors=edited)
+
+    return [factory(s) for s in specs], cfg
 
 
 def _edit_config(args: argparse.Namespace):
@@ -149,10 +184,11 @@ def _edit_config(args: argparse.Namespace):
 def cmd_edit(args: argparse.Namespace) -> int:
     from .editing import edit_model
 
+    schemes, harden = _hardening(args)
     run = edit_model(
         args.model, args.edits, args.out, cfg=_edit_config(args), batch_size=args.batch_size,
         corpus=args.corpus, n_tokens=args.n_tokens, device=args.device, force=args.force,
-        limit=args.limit, quiet=getattr(args, "quiet", False),
+        limit=args.limit, quiet=getattr(args, "quiet", False), harden_for=schemes, harden=harden,
     )
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {
@@ -174,12 +210,38 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print_table(["batch", "edits", "seconds", "phases (s)", "‖W−W0‖_F per layer"], rows)
         if n:
             print(f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)")
+        for b in run.batches:
+            if "hardening" in b:
+                print_hardening(b["id"], b["hardening"])
         if run.out:
             print(f"wrote {run.out}")
     if run.failed:
         print(f"edit2deploy: batch {run.failed['batch']} was not applied: {run.failed['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def print_hardening(batch_id: str, rec: dict) -> None:
+    """One line per target: predicted edited-fact survival and neighbourhood before → after hardening."""
+    def pct(x):
+        return "-" if x is None else f"{x * 100:.1f}%"
+
+    def pts(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    rounds = rec.get("rounds", [])
+    n = sum(len(r["hardened"]) for r in rounds)
+    print(f"\nhardening {batch_id}: {len(rounds)} round(s), {n} re-optimisation(s)"
+          + (f"; {rounds[-1]['undone']}" if rounds and "undone" in rounds[-1] else ""))
+    rows = []
+    before, after = rec["before"], rec["after"]
+    for t in rec["targets"]:
+        rows.append([t, f"{pct(before[t]['edited_survival'])} → {pct(after[t]['edited_survival'])}",
+                     f"{pts(before[t]['neighborhood'])} → {pts(after[t]['neighborhood'])}"])
+    rows.append(["fp32", "", f"{pts(before['fp32']['neighborhood'])} → {pts(after['fp32']['neighborhood'])}"])
+    print_table(["target (simulated)", "edited-fact survival", "neighbourhood"], rows)
+    if rec.get("remaining_flips"):
+        print(f"still predicted to flip: {', '.join(rec['remaining_flips'])}")
 
 
 # ---------------------------------------------------------------- stats
@@ -278,8 +340,15 @@ def _run_commands() -> tuple[Callable, ...]:
     return (add_run, add_demo)
 
 
+def _predict_commands() -> tuple[Callable, ...]:
+    from .cli_predict import add_predict
+
+    return (add_predict,)
+
+
 COMMANDS: tuple[Callable, ...] = (
-    _add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands(), *_run_commands()
+    _add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands(), *_predict_commands(),
+    *_run_commands(),
 )
 
 

@@ -7,6 +7,7 @@ complete; a batch whose solve is not finite is not applied, and the run stops th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from .errors import NonFiniteUpdateError, UsageError
 from .ledger import Ledger, tensor_sha256
 from .methods import EditConfig, Editor
 from .methods.editor import LayerState, check_layers, method_spec
+from .methods.harden import HardenConfig, Hardener
 from .methods.keys import generate_prefixes
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
+from .quantsim import QuantScheme, Simulation
 from .requests import EditRequest, load_requests
 from .stats import DEFAULT_N_TOKENS, corpus_from_path, key_stats
 
@@ -39,8 +42,11 @@ def _state_from_ledger(ledger: Ledger, layers) -> dict[int, LayerState]:
     """Method state of each layer: Σ Kp Kpᵀ over the active batches' stored keys, and the null basis."""
     out = {}
     for li in layers:
-        keys = [ledger.batch_tensors[b][f"keys.{li}"] for b in ledger.active_batches
-                if f"keys.{li}" in ledger.batch_tensors[b]]
+        keys = [
+            ledger.batch_tensors[b][f"keys.{li}"]
+            for b in ledger.active_batches
+            if f"keys.{li}" in ledger.batch_tensors[b]
+        ]
         basis = ledger.method_state.get(f"null_basis.{li}")
         if keys or basis is not None:
             d_in = keys[0].shape[0] if keys else basis.shape[0]
@@ -76,30 +82,49 @@ def prepare_editor(
     if ledger is None:
         corp = corpus_from_path(corpus)
         ledger = Ledger.new(
-            base_spec(lm.spec), weights_fingerprint(lm.model_dir), corpus=corp.id,
+            base_spec(lm.spec),
+            weights_fingerprint(lm.model_dir),
+            corpus=corp.id,
             corpus_path=None if corp.path is None else str(corp.path),
-            n_tokens=n_tokens or DEFAULT_N_TOKENS, prefixes=generate_prefixes(lm),
+            n_tokens=n_tokens or DEFAULT_N_TOKENS,
+            prefixes=generate_prefixes(lm),
         )
     else:
         if corpus is not None and corpus_from_path(corpus).id != ledger.state["corpus"]:
-            raise UsageError("--corpus differs from the one this model's earlier edits used; omit it to continue")
+            raise UsageError(
+                "--corpus differs from the one this model's earlier edits used; omit it to continue"
+            )
         if n_tokens is not None and n_tokens != ledger.state["n_tokens"]:
-            raise UsageError(f"--n-tokens differs from the earlier edits' {ledger.state['n_tokens']}; omit it")
+            raise UsageError(
+                f"--n-tokens differs from the earlier edits' {ledger.state['n_tokens']}; omit it"
+            )
         corp = corpus_from_path(ledger.state.get("corpus_path"))
     t = time.perf_counter()
-    stats = key_stats(lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet)
+    stats = key_stats(
+        lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+    )
     stats_seconds = time.perf_counter() - t
     editor = Editor(
-        lm, cfg, {li: s.C for li, s in stats.items()}, ledger.state["prefixes"],
-        state=_state_from_ledger(ledger, layers), quiet=quiet,
+        lm,
+        cfg,
+        {li: s.C for li, s in stats.items()},
+        ledger.state["prefixes"],
+        state=_state_from_ledger(ledger, layers),
+        quiet=quiet,
     )
     return editor, ledger, stats_seconds
 
 
 def apply_requests(
-    editor: Editor, ledger: Ledger, requests: list[EditRequest], batch_size: int, quiet: bool = False
+    editor: Editor,
+    ledger: Ledger,
+    requests: list[EditRequest],
+    batch_size: int,
+    quiet: bool = False,
+    harden: Hardener | None = None,
 ) -> EditRun:
-    """Apply `requests` in batches of `batch_size`, recording each batch in the ledger."""
+    """Apply `requests` in batches of `batch_size`, recording each batch in the ledger (`harden`: make each
+    batch survive the simulated quantization of its targets, see `methods.harden`)."""
     lm, arch = editor.lm, editor.lm.arch
     run = EditRun(out=None)
     start = time.perf_counter()
@@ -110,7 +135,7 @@ def apply_requests(
         t = time.perf_counter()
         batch_id = ledger.next_batch_id()
         try:
-            report = editor.apply_batch(chunk)
+            report = editor.apply_batch(chunk, harden=harden)
         except NonFiniteUpdateError as exc:
             run.failed = {"batch": batch_id, "error": str(exc), "requests": [r.id for r in chunk]}
             ledger.add_event({"type": "failed_batch", **run.failed})
@@ -142,6 +167,8 @@ def apply_requests(
             "converged": report.converged,
             "tensors": record_t,
         }
+        if report.hardening is not None:
+            record["hardening"] = report.hardening
         ledger.add_batch(record, tensors, {names[li]: before[li] for li in editor.layers})
         run.batches.append(record)
     _state_into_ledger(ledger, editor.state)
@@ -169,8 +196,13 @@ def edit_model(
     force: bool = False,
     limit: int | None = None,
     quiet: bool = False,
+    harden_for: Sequence[Callable[[LoadedModel, list[str]], QuantScheme]] = (),
+    harden: HardenConfig | None = None,
 ) -> EditRun:
-    """Edit `model` with the requests in `edits` and write the result to `out`."""
+    """Edit `model` with the requests in `edits` and write the result to `out`.
+
+    `harden_for`: one factory per deployment target, `(model, edited tensor names) -> QuantScheme` (the face
+    builds them from the format simulators); each batch is then hardened against those targets."""
     cfg = cfg or EditConfig()
     out = Path(out)
     requests = edits if isinstance(edits, list) else load_requests(edits, limit=limit)
@@ -182,7 +214,14 @@ def edit_model(
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     editor, ledger, stats_seconds = prepare_editor(lm, cfg, corpus, n_tokens, quiet=quiet)
-    run = apply_requests(editor, ledger, requests, batch_size or len(requests), quiet=quiet)
+    hardener = None
+    if harden_for:
+        edited = sorted(
+            set(ledger.state.get("edited_tensors", [])) | {lm.arch.weight_name(li) for li in editor.layers}
+        )
+        sims = [Simulation(lm, make(lm, edited)) for make in harden_for]
+        hardener = Hardener(sims, harden or HardenConfig(), quiet=quiet)
+    run = apply_requests(editor, ledger, requests, batch_size or len(requests), quiet=quiet, harden=hardener)
     run.stats_seconds = stats_seconds
     if run.batches:
         write_model(lm, ledger, out)

@@ -157,14 +157,16 @@ class Exporter(Protocol):
 _FORMAT_MODULES: dict[str, str] = {
     "gguf": ".gguf",
     "onnx": ".onnx",
+    "bnb": ".bnb",
 }
 
 
 class _Formats(Mapping[str, Exporter]):
     """Format registry; a format's module is imported on first use (optional runtimes stay optional)."""
 
-    def __init__(self, modules: dict[str, str]):
+    def __init__(self, modules: dict[str, str], attr: str = "EXPORTER"):
         self._modules = modules
+        self._attr = attr
         self._loaded: dict[str, Exporter] = {}
 
     def __getitem__(self, name: str) -> Exporter:
@@ -172,7 +174,7 @@ class _Formats(Mapping[str, Exporter]):
             raise KeyError(name)
         if name not in self._loaded:
             module = importlib.import_module(self._modules[name], __name__)
-            self._loaded[name] = module.EXPORTER
+            self._loaded[name] = getattr(module, self._attr)
         return self._loaded[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -186,6 +188,17 @@ class _Formats(Mapping[str, Exporter]):
 
 
 FORMATS: Mapping[str, Exporter] = _Formats(_FORMAT_MODULES)
+
+
+# format name -> module holding a module-level `SIMULATOR`: its quantization simulated in torch
+# (`SIMULATOR.scheme(model_dir, quant, policy, ...) -> edit2deploy.quantsim.QuantScheme`).
+_SIM_MODULES: dict[str, str] = {
+    "gguf": ".gguf_sim",
+    "onnx": ".onnx_sim",
+    "bnb": ".bnb_sim",
+}
+
+SIMULATORS: Mapping[str, Any] = _Formats(_SIM_MODULES, attr="SIMULATOR")
 
 
 def get_format(name: str) -> Exporter:
@@ -210,6 +223,7 @@ def detect_format(path: Path | str) -> str | None:
 __all__ = [
     "FORMATS",
     "PROTECT_CHOICES",
+    "SIMULATORS",
     "Artifact",
     "ExportPolicy",
     "Exporter",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..requests import EditRequest
 from .keys import context_templates, keys_and_outputs
 from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
 from .values import ValueHParams, ValueResult, optimise_values
+
+if TYPE_CHECKING:
+    from .harden import Hardener
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,23 @@ METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
         MethodSpec("memit", _memit, mpes=False, description="MEMIT: R Kᵀ (λ_p C + K Kᵀ)⁻¹"),
-        MethodSpec("alphaedit", _alphaedit, mpes=False, uses_projector=True,
-                   description="AlphaEdit: null-space projected solve with previous keys"),
-        MethodSpec("encore", _encore, mpes=True, description="ENCORE: MPES + Frobenius-norm term + previous keys"),
-        MethodSpec("default", _alphaedit, mpes=True, uses_projector=True,
-                   description="AlphaEdit's null-space solve + ENCORE's MPES (α acts as the norm weight)"),
+        MethodSpec(
+            "alphaedit",
+            _alphaedit,
+            mpes=False,
+            uses_projector=True,
+            description="AlphaEdit: null-space projected solve with previous keys",
+        ),
+        MethodSpec(
+            "encore", _encore, mpes=True, description="ENCORE: MPES + Frobenius-norm term + previous keys"
+        ),
+        MethodSpec(
+            "default",
+            _alphaedit,
+            mpes=True,
+            uses_projector=True,
+            description="AlphaEdit's null-space solve + ENCORE's MPES (α acts as the norm weight)",
+        ),
     )
 }
 
@@ -89,6 +105,7 @@ class BatchReport:
     steps: list[int]
     converged: list[bool]
     timings: dict[str, float]
+    hardening: dict | None = None  # what quantization-aware hardening did (ledger record)
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -132,33 +149,53 @@ class Editor:
             if self.spec.uses_projector and self.state[li].null_basis is None:
                 self.state[li].null_basis = null_space_basis(stats[li], cfg.tau)
 
-    def apply_batch(self, requests: Sequence[EditRequest]) -> BatchReport:
-        lm, arch, cfg = self.lm, self.lm.arch, self.cfg
-        timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
-        t0 = time.perf_counter()
+    def optimise(self, requests: Sequence[EditRequest]) -> ValueResult:
+        """Target values z = h + δ for every request (in groups of `values.group`, default all at once)."""
+        cfg = self.cfg
         group = cfg.values.group or len(requests)
         parts = [
-            optimise_values(lm, requests[i : i + group], self.templates, self.layers[-1], cfg.values, quiet=self.quiet)
+            optimise_values(
+                self.lm,
+                requests[i : i + group],
+                self.templates,
+                self.layers[-1],
+                cfg.values,
+                quiet=self.quiet,
+            )
             for i in range(0, len(requests), group)
         ]
-        values = ValueResult(
+        return ValueResult(
             z=torch.cat([p.z for p in parts], dim=1),
             delta=torch.cat([p.delta for p in parts], dim=1),
             steps=[s for p in parts for s in p.steps],
             converged=[c for p in parts for c in p.converged],
         )
-        timings["z"] = time.perf_counter() - t0
-        originals = {li: arch.get_weight(lm.model, li).detach().clone() for li in self.layers}
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """A copy of every edited layer's current weight."""
+        return {li: self.lm.arch.get_weight(self.lm.model, li).detach().clone() for li in self.layers}
+
+    def restore(self, weights: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for li, w in weights.items():
+                self.lm.arch.get_weight(self.lm.model, li).copy_(w)
+
+    def solve(
+        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Spread z = h + δ over the edited layers (DESIGN.md steps 4-5) and apply; all or nothing."""
+        lm, arch, cfg = self.lm, self.lm.arch, self.cfg
+        originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
         try:
             for i, li in enumerate(self.layers):
                 t = time.perf_counter()
                 K, cur_z = keys_and_outputs(lm, requests, self.templates, li, self.layers[-1])
-                timings["keys"] += time.perf_counter() - t
+                timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
                 if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
-                    z = cur_z + values.delta.to(cur_z.device)
+                    z = cur_z + delta.to(cur_z.device)
                 R = (z - cur_z) / (len(self.layers) - i)
                 dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg)
                 if not torch.isfinite(dW).all():
@@ -171,12 +208,29 @@ class Editor:
                     W.add_(applied)
                 deltas[li] = applied.cpu()
                 keys[li] = K.cpu()
-                timings["solve"] += time.perf_counter() - t
+                timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         except BaseException:
-            with torch.no_grad():
-                for li, w0 in originals.items():
-                    arch.get_weight(lm.model, li).copy_(w0)
+            self.restore(originals)
             raise
+        return deltas, keys
+
+    def apply_batch(self, requests: Sequence[EditRequest], harden: Hardener | None = None) -> BatchReport:
+        """Optimise, solve and apply one batch; with `harden`, re-solve facts predicted not to survive."""
+        timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
+        t0 = time.perf_counter()
+        values = self.optimise(requests)
+        timings["z"] = time.perf_counter() - t0
+        originals = self.weights()
+        deltas, keys = self.solve(requests, values.delta, timings)
+        hardening = None
+        if harden is not None:
+            t = time.perf_counter()
+            try:
+                deltas, keys, hardening = harden.run(self, requests, values, originals, deltas, keys, timings)
+            except BaseException:
+                self.restore(originals)
+                raise
+            timings["harden"] = time.perf_counter() - t
         for li in self.layers:  # previous keys of this batch join the method state
             self.state[li].KpKpT += keys[li] @ keys[li].T
-        return BatchReport(deltas, keys, values.steps, values.converged, timings)
+        return BatchReport(deltas, keys, values.steps, values.converged, timings, hardening)

@@ -36,6 +36,9 @@ class ValueHParams:
     mpes_extra: int = 1
     loss_stop: float = 5e-2  # without MPES: ROME's stop once the loss is this small
     group: int = 0  # requests optimised together per forward/backward (0: the whole batch)
+    # Hardening: > 0 also demands mean log p(target_new) − mean log p(target_true) ≥ margin (nats per token) in
+    # every context, with a hinge loss toward it; a request is done only when every context clears it.
+    margin: float = 0.0
     # Matmul precision while optimising δ: "auto" = bfloat16 autocast on CUDA and on CPUs with native bf16
     # (AMX / AVX512-BF16: ~15x the fp32 matmul rate here), else float32. z = h + δ is formed with the
     # fp32 h, and keys, statistics and solves are always full precision.
@@ -87,18 +90,39 @@ class Row:
     target_ids: list[int]
     is_kl: bool
     is_bare: bool
+    is_true: bool = False  # scores target_true (for the margin), not optimised toward
+    context: int = 0  # template index
 
 
-def build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[Row]:
-    """Rows per request: one per context template (the bare prompt first), then "{subject} is a"."""
+def build_rows(
+    lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], with_true: bool = False
+) -> list[Row]:
+    """Rows per request: one per context template (the bare prompt first), then "{subject} is a"; with
+    `with_true`, also one per template scoring `target_true` (margin rows)."""
     tok = lm.tokenizer
     rows: list[Row] = []
     for ri, r in enumerate(requests):
-        target = tok(continuation(r.target_new), add_special_tokens=False)["input_ids"]
-        for ti, t in enumerate(templates):
-            loc = locate_in_template(tok, t, r)
-            cols = [len(loc.ids) - 1 + j for j in range(len(target))]
-            rows.append(Row(ri, loc.ids + target[:-1], loc.subject_last, cols, list(target), False, ti == 0))
+        answers = [(continuation(r.target_new), False)]
+        if with_true and r.target_true:
+            answers.append((continuation(r.target_true), True))
+        for text, is_true in answers:
+            target = tok(text, add_special_tokens=False)["input_ids"]
+            for ti, t in enumerate(templates):
+                loc = locate_in_template(tok, t, r)
+                cols = [len(loc.ids) - 1 + j for j in range(len(target))]
+                rows.append(
+                    Row(
+                        ri,
+                        loc.ids + target[:-1],
+                        loc.subject_last,
+                        cols,
+                        list(target),
+                        False,
+                        ti == 0,
+                        is_true,
+                        ti,
+                    )
+                )
         loc = locate_subject(tok, f"{r.subject} is a", 0, len(r.subject))
         rows.append(Row(ri, loc.ids, loc.subject_last, [], [], True, False))
     return rows
@@ -121,14 +145,29 @@ def length_buckets(lengths: Sequence[int], waste: float = 0.15) -> list[list[int
     return buckets
 
 
-def nll_loss(tok_logp: torch.Tensor, row_of_tok: torch.Tensor, owner_of_row: torch.Tensor, n: int,
-             n_contexts: int) -> torch.Tensor:
+def nll_loss(
+    tok_logp: torch.Tensor, row_of_tok: torch.Tensor, owner_of_row: torch.Tensor, n: int, n_contexts: int
+) -> torch.Tensor:
     """Per request: mean over its contexts of the mean target-token NLL."""
     n_rows = len(owner_of_row)
     row_sum = torch.zeros(n_rows, device=tok_logp.device).index_add(0, row_of_tok, -tok_logp)
     row_cnt = torch.zeros(n_rows, device=tok_logp.device).index_add(0, row_of_tok, torch.ones_like(tok_logp))
     per_row = row_sum / row_cnt.clamp(min=1)
     return torch.zeros(n, device=tok_logp.device).index_add(0, owner_of_row, per_row) / n_contexts
+
+
+def row_means(tok_lp: torch.Tensor, row_of_tok: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean log-prob of each row's scored tokens."""
+    total = torch.zeros(n_rows, device=tok_lp.device).index_add(0, row_of_tok, tok_lp)
+    count = torch.zeros(n_rows, device=tok_lp.device).index_add(0, row_of_tok, torch.ones_like(tok_lp))
+    return total / count.clamp(min=1)
+
+
+def margin_hinge(
+    margins: torch.Tensor, owner: torch.Tensor, n: int, n_contexts: int, m: float
+) -> torch.Tensor:
+    """Per request: mean over its contexts of max(0, m − (lp(new) − lp(true)))."""
+    return torch.zeros(n, device=margins.device).index_add(0, owner, F.relu(m - margins)) / n_contexts
 
 
 def kl_divergence(logp_cur: torch.Tensor, logp_init: torch.Tensor) -> torch.Tensor:
@@ -182,7 +221,9 @@ class _Batch:
                 h = output[0] if isinstance(output, tuple) else output
                 self.returns_tuple = isinstance(output, tuple)
                 if self.cache is None:
-                    self.cache = torch.zeros(len(self.rows), self.ids.shape[1], h.shape[-1], device=self.device)
+                    self.cache = torch.zeros(
+                        len(self.rows), self.ids.shape[1], h.shape[-1], device=self.device
+                    )
                 self.cache[idx.to(self.device), :width] = h.detach()
                 bare = [j for j, i in enumerate(sel) if self.rows[i].is_bare]
                 h_init[owner[bare]] = h[local[bare], subj[bare]].detach()
@@ -199,6 +240,33 @@ class _Batch:
             return base(**inputs)[0]
 
 
+def context_margins(
+    rows: Sequence[Row],
+    pos_orig: Sequence[int],
+    new_lp: torch.Tensor,
+    new_pos: torch.Tensor,
+    true_lp: torch.Tensor,
+    true_pos: torch.Tensor,
+    n_pos: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp(new) − lp(true)) per (request, context) pair present this step, and the owning request of each."""
+    device = new_lp.device
+    mean_new = row_means(new_lp, new_pos, n_pos)
+    mean_true = row_means(true_lp, true_pos, n_pos)
+    where: dict[tuple[int, int, bool], int] = {}
+    for pos, i in enumerate(pos_orig):
+        r = rows[i]
+        if not r.is_kl:
+            where[(r.owner, r.context, r.is_true)] = pos
+    pairs = [(where[(o, c, False)], p, o) for (o, c, t), p in where.items() if t and (o, c, False) in where]
+    if not pairs:
+        return torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    a = torch.tensor([x[0] for x in pairs], device=device)
+    b = torch.tensor([x[1] for x in pairs], device=device)
+    owner = torch.tensor([x[2] for x in pairs], device=device)
+    return mean_new[a] - mean_true[b], owner
+
+
 def optimise_values(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -209,7 +277,8 @@ def optimise_values(
 ) -> ValueResult:
     """Find z = h + δ per request so that the model says `target_new` from every context."""
     model = lm.model
-    rows = build_rows(lm, requests, templates)
+    use_margin = hp.margin > 0
+    rows = build_rows(lm, requests, templates, with_true=use_margin)
     batch = _Batch(lm, rows, z_layer)
     device = batch.device
     n = len(requests)
@@ -230,16 +299,22 @@ def optimise_values(
         if not sel_all:
             break
         tok_lp, hits, tok_owner, tok_row, kl_lp, kl_owner, row_owner = [], [], [], [], [], [], []
+        true_lp, true_row, pos_orig = (
+            [],
+            [],
+            [],
+        )  # margin rows' token log-probs; original row of each position
         n_rows = 0
         for bucket in length_buckets([len(rows[i].ids) for i in sel_all]):
             sel = [sel_all[j] for j in bucket]
             with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                 hidden = batch.forward(sel, delta, h_init if step == 0 else None)
-            g_row, g_col, g_tgt = [], [], []
+            g_row, g_col, g_tgt, g_true = [], [], [], []
             kl_rows, kl_cols = [], []
             for j, i in enumerate(sel):
                 r = rows[i]
                 row_owner.append(r.owner)
+                pos_orig.append(i)
                 if r.is_kl:
                     kl_rows.append(j)
                     kl_cols.append(r.subject_last)
@@ -248,16 +323,23 @@ def optimise_values(
                     g_row.append(j)
                     g_col.append(c)
                     g_tgt.append(t)
-                    tok_owner.append(r.owner)
-                    tok_row.append(n_rows + j)
+                    g_true.append(r.is_true)
+                    if r.is_true:
+                        true_row.append(n_rows + j)
+                    else:
+                        tok_owner.append(r.owner)
+                        tok_row.append(n_rows + j)
             n_rows += len(sel)
             # Only the scored positions go through the model's own head.
             with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                 logits = head_logits(model, hidden[g_row, g_col])
             logp = F.log_softmax(logits.float(), -1)
             tgt = torch.tensor(g_tgt, device=device)
-            tok_lp.append(logp.gather(-1, tgt[:, None])[:, 0])
-            hits.append(logp.argmax(-1) == tgt)
+            is_true = torch.tensor(g_true, dtype=torch.bool, device=device)
+            lp = logp.gather(-1, tgt[:, None])[:, 0]
+            tok_lp.append(lp[~is_true])
+            hits.append((logp.argmax(-1) == tgt)[~is_true])
+            true_lp.append(lp[is_true])
             if kl_rows:
                 with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                     logits = head_logits(model, hidden[kl_rows, kl_cols])
@@ -269,15 +351,37 @@ def optimise_values(
             kl_init = torch.zeros(n, kl_lp_t.shape[-1], device=device)
             kl_init[kl_owner_t] = kl_lp_t.detach()
         # KL rows contribute no target tokens, so the NLL mean runs over the context rows only.
-        nll = nll_loss(tok_lp_t, torch.tensor(tok_row, device=device), torch.tensor(row_owner, device=device),
-                       n, len(templates))
-        kl = torch.zeros(n, device=device).index_add(0, kl_owner_t, kl_divergence(kl_lp_t, kl_init[kl_owner_t]))
+        nll = nll_loss(
+            tok_lp_t,
+            torch.tensor(tok_row, device=device),
+            torch.tensor(row_owner, device=device),
+            n,
+            len(templates),
+        )
+        kl = torch.zeros(n, device=device).index_add(
+            0, kl_owner_t, kl_divergence(kl_lp_t, kl_init[kl_owner_t])
+        )
         loss = nll + hp.kl_factor * kl + weight_decay(delta, h_init, hp.weight_decay)
 
         all_hit = [True] * n
         for o, h in zip(tok_owner, hit_t.tolist()):
             if not h:
                 all_hit[o] = False
+        if use_margin:
+            margins, m_owner = context_margins(
+                rows,
+                pos_orig,
+                torch.cat(tok_lp),
+                torch.tensor(tok_row, device=device),
+                torch.cat(true_lp),
+                torch.tensor(true_row, device=device),
+                n_rows,
+            )
+            if len(margins):
+                loss = loss + margin_hinge(margins, m_owner, n, len(templates), hp.margin)
+                for o, ok in zip(m_owner.tolist(), (margins.detach() >= hp.margin).tolist()):
+                    if not ok:
+                        all_hit[o] = False
         for ri in range(n):
             if not active[ri]:
                 continue
