@@ -20,11 +20,11 @@ def _exporters():
 
 # ---------------------------------------------------------------- export
 def add_export(sub) -> Callable:
-    p = sub.add_parser("export", help="export a (patched) model to a deployment format (gguf, onnx)")
+    p = sub.add_parser("export", help="export a (patched) model to a deployment format (gguf, onnx, bnb)")
     p.add_argument("--model", required=True, help="HF directory (e.g. an `edit` output), .gguf, or built-in name")
-    p.add_argument("--format", required=True, help="gguf | onnx")
-    p.add_argument("--quant", default=None, help="target type, e.g. Q4_K_M, Q8_0, F16 (gguf); int4, int8, fp32 (onnx)")
-    p.add_argument("--out", required=True, help="output file (gguf) or directory (onnx)")
+    p.add_argument("--format", required=True, help="gguf | onnx | bnb")
+    p.add_argument("--quant", default=None, help="target type, e.g. Q4_K_M, Q8_0, F16 (gguf); int4, int8, fp32 (onnx); nf4, int8 (bnb)")
+    p.add_argument("--out", required=True, help="output file (gguf) or directory (onnx, bnb)")
     p.add_argument("--protect-edits", default="q8_0", help="none | q8_0 | f16: lowest precision for edited tensors")
     p.add_argument("--patch", default=None,
                    help="gguf patch mode: a base .gguf whose other tensors are kept byte-identical "
@@ -80,7 +80,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- verify
 def add_verify(sub) -> Callable:
     p = sub.add_parser("verify", help="check in the artifact's own runtime that edits took hold and nothing else moved")
-    p.add_argument("--artifact", required=True, help="exported model (.gguf file or ONNX directory)")
+    p.add_argument("--artifact", required=True, help="exported model (.gguf file, ONNX or bitsandbytes directory)")
     p.add_argument("--model", required=True, help="the fp32 model it was exported from (the `edit` output)")
     p.add_argument("--edits", default=None,
                    help="edit file (edited facts, paraphrases, neighbourhood); default: the requests in the ledger")

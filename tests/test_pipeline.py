@@ -217,9 +217,9 @@ def test_cli_run_gate_failure_exit_code_and_summary(cold_warm, env, capsys):
 
 def test_cli_run_usage_errors(env, tmp_path, capsys):
     base = ["run", "--model", str(env["model"]), "--edits", str(env["edits"]), "--out", str(tmp_path / "o")]
-    assert cli.main([*base, "--targets", "gguf:Q4_K_M,bnb:nf4"]) == 2
+    assert cli.main([*base, "--targets", "gguf:Q4_K_M,mlx:q4"]) == 2
     err = capsys.readouterr().err
-    assert "format not available: bnb:nf4" in err and "available formats: gguf" in err
+    assert "format not available: mlx:q4" in err and "available formats: gguf" in err
     assert not (tmp_path / "o").exists()  # nothing was started
     assert cli.main([*base, "--targets", "gguf:Q8_0", "--gate", "nonsense=1"]) == 2
     assert "--gate nonsense=1" in capsys.readouterr().err
@@ -263,7 +263,7 @@ def test_python_api_export_and_verify(cold_warm, tmp_path):
 
     assert edit2deploy.verify.Gates is Gates
     with pytest.raises(UsageError, match="format not available|unknown export format"):
-        edit2deploy.export(model, tmp_path / "x", "bnb:nf4")
+        edit2deploy.export(model, tmp_path / "x", "mlx:q4")
 
 
 # ==================================================================== crash safety

@@ -418,8 +418,8 @@ def test_parse_targets():
     ]
     assert Target("gguf", "Q8_0").filename == "model-Q8_0.gguf"
     assert Target("onnx", "int4").filename == "model-onnx-int4"
-    with pytest.raises(UsageError, match=r"format not available: bnb:nf4 \(available formats: gguf"):
-        parse_targets("gguf:Q8_0,bnb:nf4")
+    with pytest.raises(UsageError, match=r"format not available: mlx:q4 \(available formats: gguf"):
+        parse_targets("gguf:Q8_0,mlx:q4")
     with pytest.raises(UsageError, match="has no type 'Q9'"):
         parse_targets("gguf:Q9")
     with pytest.raises(UsageError, match="is not FORMAT:TYPE"):
