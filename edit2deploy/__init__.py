@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": ("api", "run"),
     "export": ("api", "export"),
+    "predict": ("api", "predict"),
     "Editor": ("methods", "Editor"),
     "EditConfig": ("methods", "EditConfig"),
     "EditRequest": ("requests", "EditRequest"),
@@ -38,6 +39,7 @@ __all__ = [
     "Target",
     "__version__",
     "export",
+    "predict",
     "run",
     "verify",
 ]

@@ -5,6 +5,7 @@ result = edit2deploy.run("smollm2-135m", "examples/edits.jsonl", "gguf:Q4_K_M,gg
 art = edit2deploy.export("out/run/model", "out/model-Q5.gguf", "gguf:Q5_K_M")
 ver = edit2deploy.verify(art, "out/run/model", gates={"survival": 0.9})
 ver.passed, ver.survival
+preds = edit2deploy.predict("out/run/model", "Q4_K_M:none,onnx:int4")   # torch-simulated survival, no export
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .errors import UsageError
 if TYPE_CHECKING:
     from .exporters import Artifact
     from .pipeline import RunResult
+    from .quantsim import Prediction
     from .requests import EditRequest
     from .verify import Verification
 
@@ -137,3 +139,50 @@ def verify(
             close = getattr(s, "close", None)
             if close is not None:
                 close()
+
+
+def predict(
+    model: str | Path,
+    quant: str | Sequence[str],
+    edits: str | Path | Sequence[EditRequest] | None = None,
+    *,
+    protect_edits: str = "q8_0",
+    preserved: str | Path | Sequence[EditRequest] | None = None,
+    patch: str | Path | None = None,
+) -> list[Prediction]:
+    """`edit2deploy predict`: per-fact verdicts of each target (`"Q4_K_M,onnx:int4,bnb:nf4"`), its quantization
+    simulated in torch (see `edit2deploy.quantsim`). `edits` default: the requests in the model's ledger."""
+    from .checks import run_probes
+    from .cli_predict import build_scheme, ledger_requests, parse_schemes
+    from .models import open_model
+    from .quantsim import Simulation, suite
+    from .quantsim import predict as _predict
+    from .requests import load_requests
+    from .scoring import TorchScorer
+
+    specs = parse_schemes(quant, protect_edits)
+    lm = open_model(model)
+    if edits is None:
+        requests = ledger_requests(lm.model_dir)
+        if requests is None:
+            raise UsageError(
+                f"predict: edits= is required ({model} has no edit ledger to take the facts from)"
+            )
+    else:
+        requests = load_requests(edits) if isinstance(edits, (str, Path)) else list(edits)
+    extra = (
+        (load_requests(preserved) if isinstance(preserved, (str, Path)) else list(preserved))
+        if preserved
+        else []
+    )
+    probes = suite(requests, extra)
+    reference = run_probes(TorchScorer(lm.model, lm.tokenizer), probes, lm.tokenizer.decode)
+    base = Path(patch) if patch is not None else None
+    return [
+        _predict(
+            Simulation(lm, build_scheme(s, lm.model_dir, base if s.format == "gguf" else None)),
+            probes,
+            reference,
+        )
+        for s in specs
+    ]

@@ -26,6 +26,7 @@ RUN_KEYS = {
     "protect_edits",
     "baseline",
     "device",
+    "harden",
 }
 PATH_KEYS = ("edits", "out", "corpus", "preserved", "heldout")
 DEMO_MODEL = "smollm2-135m"
@@ -78,6 +79,12 @@ def add_run(sub) -> Callable:
     )
     p.add_argument("--protect-edits", default=None, help="none | q8_0 | f16 (default q8_0)")
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baselines")
+    p.add_argument(
+        "--harden",
+        action="store_true",
+        default=None,
+        help="harden every edit batch against the targets' quantization (simulated in torch; see edit --harden-for)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (editing and fp32 scoring)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     return cmd_run
@@ -132,6 +139,8 @@ def run_settings(args: argparse.Namespace) -> dict:
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.no_baseline:
         settings["baseline"] = False
+    if getattr(args, "harden", None):
+        settings["harden"] = True
     gates = settings.get("gates", [])
     if isinstance(gates, dict):
         gates = [f"{k}={'off' if v is False else v}" for k, v in gates.items()]
@@ -169,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         baseline=s.get("baseline", True),
         device=s.get("device") or "cpu",
         quiet=quiet or args.json,
+        harden=bool(s.get("harden", False)),
     )
     if args.json:
         print(result.reports["json"].read_text(), end="")

@@ -47,6 +47,7 @@ from .errors import Edit2DeployError, UsageError
 if TYPE_CHECKING:
     from .exporters import Artifact, Exporter
     from .methods import EditConfig
+    from .methods.harden import HardenConfig
     from .requests import EditRequest
     from .scoring import Scored, Scorer
     from .verify import GateResult, Gates, Verification
@@ -467,8 +468,10 @@ def edit_reuse_problem(
     batch_size: int,
     corpus,
     n_tokens: int,
+    harden_key: dict | None = None,
 ) -> str | None:
-    """Why `model_dir` cannot be reused for this edit run (None: it holds exactly this run's result)."""
+    """Why `model_dir` cannot be reused for this edit run (None: it holds exactly this run's result).
+    `harden_key`: the hardening targets and configuration each new batch must have been hardened with."""
     from .ledger import Ledger
     from .models import weights_fingerprint
     from .stats import corpus_from_path
@@ -509,6 +512,14 @@ def edit_reuse_problem(
     want = _jsonable(resolved_config(cfg, input_dir).to_json())
     if any(r.get("config") != want for r in new):
         return "another edit configuration"
+    got = [
+        None
+        if "hardening" not in r
+        else {"targets": r["hardening"].get("targets"), "config": r["hardening"].get("config")}
+        for r in new
+    ]
+    if any(g != _jsonable(harden_key) for g in got):
+        return "other hardening settings"
     return None
 
 
@@ -523,6 +534,7 @@ def _edit_stage(
     device: str,
     quiet: bool,
     log: Callable[[str], None],
+    harden: tuple[list[Target], str, HardenConfig] | None = None,
 ) -> tuple[bool, str, float]:
     from .editing import base_spec, edit_model
     from .ledger import Ledger
@@ -535,7 +547,20 @@ def _edit_stage(
     prior = Ledger.load(input_dir)
     tokens = n_tokens if n_tokens is not None else (prior.state["n_tokens"] if prior else DEFAULT_N_TOKENS)
     bs = batch_size or len(requests)
-    problem = edit_reuse_problem(out_model, base_spec(model), input_dir, requests, cfg, bs, corpus, tokens)
+    factories, harden_key, harden_cfg = [], None, None
+    if harden is not None:
+        from .cli_predict import SchemeSpec, build_scheme
+
+        targets, protect, harden_cfg = harden
+        specs = [SchemeSpec(t.format, t.quant, protect) for t in targets]
+        factories = [
+            (lambda lm, edited, spec=spec: build_scheme(spec, lm.model_dir, edited_tensors=edited))
+            for spec in specs
+        ]
+        harden_key = {"targets": [str(sp) for sp in specs], "config": harden_cfg.to_json()}
+    problem = edit_reuse_problem(
+        out_model, base_spec(model), input_dir, requests, cfg, bs, corpus, tokens, harden_key
+    )
     if problem is None:
         log(f"edit: reusing {out_model} (same requests, configuration and base model)")
         return True, "reused", 0.0
@@ -552,6 +577,8 @@ def _edit_stage(
         device=device,
         force=True,
         quiet=quiet,
+        harden_for=factories,
+        harden=harden_cfg,
     )
     if res.failed:
         raise Edit2DeployError(f"edit batch {res.failed['batch']} was not applied: {res.failed['error']}")
@@ -713,15 +740,19 @@ def run(
     quiet: bool = False,
     reports: bool = True,
     log: Callable[[str], None] | None = None,
+    harden: bool | HardenConfig = False,
 ) -> RunResult:
     """Edit `model` with `edits`, export every target, verify each against fp32 and its paired baseline, and
     write report.json/.md/.html into `out`. See the module docstring for the layout and the caches.
 
     `gates`: NAME=VALUE strings or a mapping (verify's gates plus `perplexity_increase`, percent over the paired
-    baseline; 'off'/None disables). Raises `UsageError` for bad inputs (before any heavy work).
+    baseline; 'off'/None disables). `harden`: True (or a `HardenConfig`) hardens every batch against the
+    quantization of the run's own targets, as `edit --harden-for` does. Raises `UsageError` for bad inputs
+    (before any heavy work).
     """
     from .exporters import ExportPolicy
     from .methods import EditConfig
+    from .methods.harden import HardenConfig
     from .requests import load_requests
 
     t_start = time.perf_counter()
@@ -758,7 +789,19 @@ def run(
     # ---- 1. edit
     model_dir = out / MODEL_SUBDIR
     edit_cached, edit_note, seconds["edit"] = _edit_stage(
-        model, requests, model_dir, cfg, batch_size, corpus, n_tokens, device, quiet, log
+        model,
+        requests,
+        model_dir,
+        cfg,
+        batch_size,
+        corpus,
+        n_tokens,
+        device,
+        quiet,
+        log,
+        None
+        if not harden
+        else (parsed, protect_edits, harden if isinstance(harden, HardenConfig) else HardenConfig()),
     )
     from .ledger import Ledger
     from .models import resolve_model_dir, weights_fingerprint
