@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--harden", default="gguf:Q4_K_M:none,gguf:Q3_K_M:none")
     ap.add_argument("--margin", type=float, default=HardenConfig.margin)
     ap.add_argument("--rounds", type=int, default=HardenConfig.rounds)
+    ap.add_argument("--risk", type=float, default=HardenConfig.risk)
     ap.add_argument("--work", default=None, help="working directory (reused between runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -248,7 +249,7 @@ def main() -> None:
     if args.predict:
         doc["prediction"] = prediction_table(requests, plain, parse_schemes(args.predict), work)
     if args.harden:
-        cfg = HardenConfig(margin=args.margin, rounds=args.rounds)
+        cfg = HardenConfig(margin=args.margin, rounds=args.rounds, risk=args.risk)
         doc["hardening"] = hardening_table(
             requests, plain, parse_schemes(args.harden), work, args.batch_size, cfg
         )

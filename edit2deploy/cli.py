@@ -59,7 +59,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=No
 def _add_facts(sub) -> Callable:
     p = sub.add_parser("facts", help="score facts on a model: p(target) vs p(true), top-1 token")
     p.add_argument("--model", required=True, help="HF directory, .gguf file, or built-in name (smollm2-135m)")
-    p.add_argument("--facts", required=True, help="edit/fact file: .jsonl (ours) or CounterFact/EasyEdit .json")
+    p.add_argument(
+        "--facts", required=True, help="edit/fact file: .jsonl (ours) or CounterFact/EasyEdit .json"
+    )
     p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
     p.add_argument(
         "--probes",
@@ -82,10 +84,14 @@ def cmd_facts(args: argparse.Namespace) -> int:
     if not kinds:
         raise UsageError(f"--probes: empty list (expected a comma list of {', '.join(PROBE_KINDS)})")
     if bad:
-        raise UsageError(f"--probes: unknown kind '{','.join(bad)}' (expected a comma list of {', '.join(PROBE_KINDS)})")
+        raise UsageError(
+            f"--probes: unknown kind '{','.join(bad)}' (expected a comma list of {', '.join(PROBE_KINDS)})"
+        )
     requests = load_requests(args.facts, limit=args.limit)
     lm = open_model(args.model, device=args.device)
-    results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, kinds), decode=lm.tokenizer.decode)
+    results = run_probes(
+        TorchScorer(lm.model, lm.tokenizer), probes_for(requests, kinds), decode=lm.tokenizer.decode
+    )
     summary = rates(results)
     if args.json:
         doc = {"model": args.model, "facts": [r.to_json() for r in results], "rates": summary}
@@ -99,39 +105,77 @@ def cmd_facts(args: argparse.Namespace) -> int:
             wins = "true" if r.success else "new"
         else:
             wins = "target" if r.success else ("true" if pr.other is not None else "-")
-        rows.append([pr.request_id, pr.kind, pr.prompt, pr.expected, _fmt_p(r.lp_expected), pr.other or "-",
-                     _fmt_p(r.lp_other), wins, repr(r.top1)])
+        rows.append(
+            [
+                pr.request_id,
+                pr.kind,
+                pr.prompt,
+                pr.expected,
+                _fmt_p(r.lp_expected),
+                pr.other or "-",
+                _fmt_p(r.lp_other),
+                wins,
+                repr(r.top1),
+            ]
+        )
     print_table(["id", "kind", "prompt", "target", "p(target)", "other", "p(other)", "wins", "top-1"], rows)
     print()
-    print("  ".join(f"{k}: {v:.1f}%" for k, v in summary.items() if v is not None)
-          + "   (p = per-token geometric mean for multi-token answers)")
+    print(
+        "  ".join(f"{k}: {v:.1f}%" for k, v in summary.items() if v is not None)
+        + "   (p = per-token geometric mean for multi-token answers)"
+    )
     return 0
 
 
 # ---------------------------------------------------------------- edit
 def _add_edit(sub) -> Callable:
     p = sub.add_parser("edit", help="apply an edit file to a model; writes a patched HF directory + ledger")
-    p.add_argument("--model", required=True, help="HF directory (or an earlier edit's --out), .gguf, or built-in name")
+    p.add_argument(
+        "--model", required=True, help="HF directory (or an earlier edit's --out), .gguf, or built-in name"
+    )
     p.add_argument("--edits", required=True, help="edit file: .jsonl (ours) or CounterFact/EasyEdit .json")
     p.add_argument("--out", required=True, help="output directory (appears only when complete)")
     p.add_argument("--method", default=None, help="default | alphaedit | encore | memit (default: default)")
-    p.add_argument("--layers", default=None, help="edited layers, e.g. 4-8 or 4,5,6 (default: per architecture)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequential batches of this size (default: all at once)")
-    p.add_argument("--corpus", default=None, help="text file or directory for key statistics (default: model-generated)")
+    p.add_argument(
+        "--layers", default=None, help="edited layers, e.g. 4-8 or 4,5,6 (default: per architecture)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="sequential batches of this size (default: all at once)"
+    )
+    p.add_argument(
+        "--corpus", default=None, help="text file or directory for key statistics (default: model-generated)"
+    )
     p.add_argument("--n-tokens", type=int, default=None, help="tokens of statistics corpus (default 100,000)")
     p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
     p.add_argument("--limit", type=_positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     h = p.add_argument_group("quantization-aware hardening")
-    h.add_argument("--harden-for", default=None,
-                   help="targets the edits must survive, e.g. Q4_K_M,onnx:int4,bnb:nf4 (FORMAT:TYPE:none for "
-                        "unprotected export); facts predicted to flip are re-optimised and the batch re-solved")
-    h.add_argument("--harden-protect-edits", default="q8_0", help="protection the targets will be exported with")
-    h.add_argument("--harden-margin", type=float, default=None, help="nats/token the target must win by (default 1.0)")
+    h.add_argument(
+        "--harden-for",
+        default=None,
+        help="targets the edits must survive, e.g. Q4_K_M,onnx:int4,bnb:nf4 (FORMAT:TYPE:none for "
+        "unprotected export); facts predicted to flip are re-optimised and the batch re-solved",
+    )
+    h.add_argument(
+        "--harden-protect-edits", default="q8_0", help="protection the targets will be exported with"
+    )
+    h.add_argument(
+        "--harden-margin", type=float, default=None, help="nats/token the target must win by (default 1.0)"
+    )
     h.add_argument("--harden-rounds", type=int, default=None, help="re-solve rounds per batch (default 3)")
-    h.add_argument("--harden-specificity", type=float, default=None,
-                   help="most neighbourhood points a round may cost before it is undone (default 5)")
+    h.add_argument(
+        "--harden-risk",
+        type=float,
+        default=None,
+        help="also harden facts predicted to win by less than this many nats/token (default 0.5)",
+    )
+    h.add_argument(
+        "--harden-specificity",
+        type=float,
+        default=None,
+        help="most neighbourhood points a round may cost before it is undone (default 5)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     return cmd_edit
 
@@ -141,8 +185,13 @@ def _hardening(args: argparse.Namespace):
     from .methods.harden import HardenConfig
 
     if not args.harden_for:
-        if any(v is not None for v in (args.harden_margin, args.harden_rounds, args.harden_specificity)):
-            raise UsageError("--harden-margin/--harden-rounds/--harden-specificity need --harden-for")
+        if any(
+            v is not None
+            for v in (args.harden_margin, args.harden_rounds, args.harden_specificity, args.harden_risk)
+        ):
+            raise UsageError(
+                "--harden-margin/--harden-rounds/--harden-specificity/--harden-risk need --harden-for"
+            )
         return (), None
     from .cli_predict import build_scheme, parse_schemes
 
@@ -151,7 +200,10 @@ def _hardening(args: argparse.Namespace):
     cfg = HardenConfig(
         margin=base.margin if args.harden_margin is None else args.harden_margin,
         rounds=base.rounds if args.harden_rounds is None else args.harden_rounds,
-        specificity_limit=base.specificity_limit if args.harden_specificity is None else args.harden_specificity,
+        specificity_limit=base.specificity_limit
+        if args.harden_specificity is None
+        else args.harden_specificity,
+        risk=base.risk if args.harden_risk is None else args.harden_risk,
     )
     if cfg.margin <= 0 or cfg.rounds < 1:
         raise UsageError("--harden-margin must be > 0 and --harden-rounds ≥ 1")
@@ -186,16 +238,33 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     schemes, harden = _hardening(args)
     run = edit_model(
-        args.model, args.edits, args.out, cfg=_edit_config(args), batch_size=args.batch_size,
-        corpus=args.corpus, n_tokens=args.n_tokens, device=args.device, force=args.force,
-        limit=args.limit, quiet=getattr(args, "quiet", False), harden_for=schemes, harden=harden,
+        args.model,
+        args.edits,
+        args.out,
+        cfg=_edit_config(args),
+        batch_size=args.batch_size,
+        corpus=args.corpus,
+        n_tokens=args.n_tokens,
+        device=args.device,
+        force=args.force,
+        limit=args.limit,
+        quiet=getattr(args, "quiet", False),
+        harden_for=schemes,
+        harden=harden,
     )
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {
         "out": str(run.out) if run.out else None,
-        "batches": [{"id": b["id"], "requests": len(b["requests"]), "seconds": b["seconds"], "timings": b["timings"],
-                     "fro_from_original": {k: v["fro_from_original"] for k, v in b["tensors"].items()}}
-                    for b in run.batches],
+        "batches": [
+            {
+                "id": b["id"],
+                "requests": len(b["requests"]),
+                "seconds": b["seconds"],
+                "timings": b["timings"],
+                "fro_from_original": {k: v["fro_from_original"] for k, v in b["tensors"].items()},
+            }
+            for b in run.batches
+        ],
         "edits": n,
         "seconds": round(run.seconds, 2),
         "stats_seconds": round(run.stats_seconds, 2),
@@ -204,25 +273,38 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        rows = [[b["id"], len(b["requests"]), f"{b['seconds']:.1f}",
-                 " ".join(f"{k}={v:.1f}" for k, v in b["timings"].items()),
-                 " ".join(f"{v['fro_from_original']:.2f}" for v in b["tensors"].values())] for b in run.batches]
+        rows = [
+            [
+                b["id"],
+                len(b["requests"]),
+                f"{b['seconds']:.1f}",
+                " ".join(f"{k}={v:.1f}" for k, v in b["timings"].items()),
+                " ".join(f"{v['fro_from_original']:.2f}" for v in b["tensors"].values()),
+            ]
+            for b in run.batches
+        ]
         print_table(["batch", "edits", "seconds", "phases (s)", "‖W−W0‖_F per layer"], rows)
         if n:
-            print(f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)")
+            print(
+                f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)"
+            )
         for b in run.batches:
             if "hardening" in b:
                 print_hardening(b["id"], b["hardening"])
         if run.out:
             print(f"wrote {run.out}")
     if run.failed:
-        print(f"edit2deploy: batch {run.failed['batch']} was not applied: {run.failed['error']}", file=sys.stderr)
+        print(
+            f"edit2deploy: batch {run.failed['batch']} was not applied: {run.failed['error']}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def print_hardening(batch_id: str, rec: dict) -> None:
     """One line per target: predicted edited-fact survival and neighbourhood before → after hardening."""
+
     def pct(x):
         return "-" if x is None else f"{x * 100:.1f}%"
 
@@ -231,13 +313,20 @@ def print_hardening(batch_id: str, rec: dict) -> None:
 
     rounds = rec.get("rounds", [])
     n = sum(len(r["hardened"]) for r in rounds)
-    print(f"\nhardening {batch_id}: {len(rounds)} round(s), {n} re-optimisation(s)"
-          + (f"; {rounds[-1]['undone']}" if rounds and "undone" in rounds[-1] else ""))
+    print(
+        f"\nhardening {batch_id}: {len(rounds)} round(s), {n} re-optimisation(s)"
+        + (f"; {rounds[-1]['undone']}" if rounds and "undone" in rounds[-1] else "")
+    )
     rows = []
     before, after = rec["before"], rec["after"]
     for t in rec["targets"]:
-        rows.append([t, f"{pct(before[t]['edited_survival'])} → {pct(after[t]['edited_survival'])}",
-                     f"{pts(before[t]['neighborhood'])} → {pts(after[t]['neighborhood'])}"])
+        rows.append(
+            [
+                t,
+                f"{pct(before[t]['edited_survival'])} → {pct(after[t]['edited_survival'])}",
+                f"{pts(before[t]['neighborhood'])} → {pts(after[t]['neighborhood'])}",
+            ]
+        )
     rows.append(["fp32", "", f"{pts(before['fp32']['neighborhood'])} → {pts(after['fp32']['neighborhood'])}"])
     print_table(["target (simulated)", "edited-fact survival", "neighbourhood"], rows)
     if rec.get("remaining_flips"):
@@ -266,10 +355,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers) if args.layers else lm.arch.layers_for(lm.num_layers)
     corpus = corpus_from_path(args.corpus)
     t = time.perf_counter()
-    stats = key_stats(lm, layers, weights_fingerprint(lm.model_dir), corpus, args.n_tokens or DEFAULT_N_TOKENS,
-                      quiet=getattr(args, "quiet", False))
+    stats = key_stats(
+        lm,
+        layers,
+        weights_fingerprint(lm.model_dir),
+        corpus,
+        args.n_tokens or DEFAULT_N_TOKENS,
+        quiet=getattr(args, "quiet", False),
+    )
     print_table(["layer", "d_in", "tokens"], [[li, s.C.shape[0], s.n_tokens] for li, s in stats.items()])
-    print(f"\nstatistics for layers {list(layers)} ready in {time.perf_counter() - t:.1f} s (corpus {corpus.id})")
+    print(
+        f"\nstatistics for layers {list(layers)} ready in {time.perf_counter() - t:.1f} s (corpus {corpus.id})"
+    )
     return 0
 
 
@@ -289,7 +386,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     res = rollback(args.model, last=args.last, batch=args.batch, out=args.out)
     verified = [v for v in res["verified"].values() if v is not None]
-    print(f"removed {', '.join(res['removed'])}; active now: {', '.join(res['kept']) or 'none (original weights)'}")
+    print(
+        f"removed {', '.join(res['removed'])}; active now: {', '.join(res['kept']) or 'none (original weights)'}"
+    )
     if verified:
         print(f"{sum(verified)}/{len(verified)} edited tensors match their recorded SHA-256 bit for bit")
     else:
@@ -318,11 +417,29 @@ def cmd_log(args: argparse.Namespace) -> int:
     for r in ledger.records:
         if r.get("type") == "batch":
             norms = " ".join(f"{v['fro_from_original']:.2f}" for v in r["tensors"].values())
-            rows.append([r["id"], "active" if r["id"] in active else "rolled back", r["time"], r["method"],
-                         len(r["requests"]), f"{r['seconds']:.1f}", norms])
+            rows.append(
+                [
+                    r["id"],
+                    "active" if r["id"] in active else "rolled back",
+                    r["time"],
+                    r["method"],
+                    len(r["requests"]),
+                    f"{r['seconds']:.1f}",
+                    norms,
+                ]
+            )
         else:
-            rows.append([r.get("type"), "", r.get("time", ""), "", "", "", json.dumps({k: v for k, v in r.items()
-                                                                                     if k not in ("type", "time")})])
+            rows.append(
+                [
+                    r.get("type"),
+                    "",
+                    r.get("time", ""),
+                    "",
+                    "",
+                    "",
+                    json.dumps({k: v for k, v in r.items() if k not in ("type", "time")}),
+                ]
+            )
     print(f"base model: {ledger.state['base_model']}   edited tensors: {len(ledger.state['edited_tensors'])}")
     print_table(["batch", "status", "time", "method", "edits", "seconds", "‖W−W0‖_F per layer"], rows)
     return 0
@@ -347,7 +464,13 @@ def _predict_commands() -> tuple[Callable, ...]:
 
 
 COMMANDS: tuple[Callable, ...] = (
-    _add_facts, _add_edit, _add_stats, _add_rollback, _add_log, *_deploy_commands(), *_predict_commands(),
+    _add_facts,
+    _add_edit,
+    _add_stats,
+    _add_rollback,
+    _add_log,
+    *_deploy_commands(),
+    *_predict_commands(),
     *_run_commands(),
 )
 
@@ -364,11 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks for internal errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for internal errors"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _orig_add = sub.add_parser
-    sub.add_parser = lambda *a, **k: _orig_add(*a, parents=[common], **k)  # every command takes --quiet/--debug
+    sub.add_parser = lambda *a, **k: _orig_add(
+        *a, parents=[common], **k
+    )  # every command takes --quiet/--debug
     handlers = {}
     for add in COMMANDS:
         handler = add(sub)

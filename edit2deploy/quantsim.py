@@ -36,6 +36,9 @@ class TensorQuant:
 
     stored: str  # "Q4_K", "int4/b32", "nf4", "float32", ...
     fake: FakeQuant | None = None
+    # What the runtime does to this layer's *input* before multiplying (e.g. llama.cpp quantizes activations to
+    # Q8_0 / Q8_K blocks for quantized weights; onnxruntime's int8 compute at accuracy level 4): None = nothing.
+    act: FakeQuant | None = None
 
 
 @runtime_checkable
@@ -112,10 +115,15 @@ class Simulation:
         untie = (
             _tied_head(model)
             and "lm_head.weight" in self._plan
-            and self._plan["lm_head.weight"] != self._plan.get(_embedding_name(model))
+            and self._plan["lm_head.weight"].stored
+            != getattr(self._plan.get(_embedding_name(model)), "stored", None)
         )
         saved: dict[str, torch.Tensor] = {}
         tied_param = head.weight if untie else None
+        hooks = [
+            module.register_forward_pre_hook(_input_hook(act))
+            for module, act in self._activation_modules(model, head)
+        ]
         try:
             with torch.no_grad():
                 if untie:
@@ -134,11 +142,41 @@ class Simulation:
                     p.data = sim
             yield self.lm
         finally:
+            for h in hooks:
+                h.remove()
             with torch.no_grad():
                 for name, data in saved.items():
                     params[name].data = data
                 if untie:
                     head.weight = tied_param
+
+    def _activation_modules(self, model: torch.nn.Module, head: torch.nn.Module | None):
+        """(module, input fake-quant) for every planned weight whose runtime quantizes the layer's input."""
+        out = []
+        for name, q in self._plan.items():
+            if q.act is None or not name.endswith(".weight"):
+                continue
+            module = model.get_submodule(name.removesuffix(".weight"))
+            if isinstance(module, torch.nn.Embedding):
+                # a table lookup has no input to quantize; a tied head multiplies with the same stored tensor
+                if head is not None and _tied_head(model) and "lm_head.weight" not in self._plan:
+                    out.append((head, q.act))
+                continue
+            out.append((module, q.act))
+        return out
+
+
+def _input_hook(act: FakeQuant):
+    def hook(_module, args):
+        if not args or not torch.is_tensor(args[0]):
+            return None
+        x = args[0]
+        return (
+            act(x.detach().float()).to(x.dtype) + (x - x.detach()),
+            *args[1:],
+        )  # straight-through gradient
+
+    return hook
 
 
 def _embedding_name(model: torch.nn.Module) -> str:

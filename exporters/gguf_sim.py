@@ -6,6 +6,10 @@ mix, including its fallbacks for rows that are not a multiple of 256) and the st
 patch mode the base file's types are used (raised to the protection floor for the edited tensors, as the patch
 export does). Plans depend only on names, shapes, type and policy, so they are cached (a few KiB of JSON).
 
+Activations: for a quantized weight, ggml-cpu quantizes the matmul's input rows to the weight type's
+`vec_dot_type` (Q8_0 blocks of 32 for the legacy types, Q8_K blocks of 256 for K-quants, F16 for F16 weights)
+and multiplies the integer rows; that rounding is simulated too (a forward pre-hook on each layer).
+
 Each weight is then encoded with the exporter's own `encode` (the same bytes the export writes: gguf-py's numpy
 kernels for the legacy types, llama.cpp's `ggml_quantize_chunk` for K-quants) and decoded with gguf-py's
 `dequantize`. ggml quantizes every row on its own, so the Q/K row permutation of llama-family models commutes
@@ -47,6 +51,60 @@ def fake_quant(rows: torch.Tensor, qtype: QT) -> torch.Tensor:
     arr = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
     back = gguf.quants.dequantize(encode(arr, qtype), qtype)
     return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32).reshape(arr.shape))
+
+
+def q8_0_rows(x: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 activation rounding (blocks of 32: d = amax/127 kept as fp16, q = round(x/d))."""
+    k = x.shape[-1]
+    if k % 32:
+        return x
+    b = x.reshape(*x.shape[:-1], k // 32, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv)
+    return (q * d.to(torch.float16).to(x.dtype)).reshape(x.shape)
+
+
+def q8_k_rows(x: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_K activation rounding (blocks of 256: iscale = −127/max with max the signed value of largest
+    magnitude, q = min(127, round(iscale·x)), d = 1/iscale in float32)."""
+    k = x.shape[-1]
+    if k % 256:
+        return x
+    b = x.reshape(*x.shape[:-1], k // 256, 256)
+    idx = b.abs().argmax(-1, keepdim=True)
+    mx = b.gather(-1, idx)
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(b * iscale).clamp(max=127)
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return (q * d).reshape(x.shape)
+
+
+def f16_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+def bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+# The type ggml-cpu converts a matmul's activations to for each weight type (its `vec_dot_type`): the dot
+# product of the two quantized rows equals that of their dequantized values, so this is the whole effect.
+_Q8_0_WEIGHTS = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})  # Q8_1 rounds values like Q8_0
+_Q8_K_WEIGHTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+
+
+def activation_fake(qtype: QT):
+    """How llama.cpp's CPU backend rounds the input of a matmul with a `qtype` weight (None: float32)."""
+    if qtype in _Q8_0_WEIGHTS:
+        return q8_0_rows
+    if qtype in _Q8_K_WEIGHTS:
+        return q8_k_rows
+    if qtype == QT.F16:
+        return f16_rows
+    if qtype == QT.BF16:
+        return bf16_rows
+    return None
 
 
 def _tensor_fake(layout: ModelLayout, hf_name: str, qtype: QT, n_rows: int | None):
@@ -132,6 +190,7 @@ class GGUFScheme:
     layout: ModelLayout
     types: dict[str, str]  # GGUF name -> stored type
     shapes: dict[str, tuple[int, ...]]  # HF name -> shape of the weights to plan
+    activations: bool = True  # also round each matmul's input as llama.cpp's CPU backend does
 
     def plan(self) -> dict[str, TensorQuant]:
         out: dict[str, TensorQuant] = {}
@@ -146,7 +205,8 @@ class GGUFScheme:
             n_rows = None
             if self.layout.family.truncate_vocab and hf.endswith("embed_tokens.weight"):
                 n_rows = self.layout.hparams.get("vocab_size")
-            out[hf] = TensorQuant(qtype.name, _tensor_fake(self.layout, hf, qtype, n_rows))
+            act = activation_fake(qtype) if self.activations else None
+            out[hf] = TensorQuant(qtype.name, _tensor_fake(self.layout, hf, qtype, n_rows), act)
         return out
 
 

@@ -6,8 +6,9 @@ Each weight is then quantized with onnxruntime's own kernel (`quantize_matmul_4b
 what `MatMulNBitsQuantizer` runs for round-to-nearest) and dequantized as MatMulNBits does:
 `w = (q − zp) · scale` per block of `block_size` along the input dimension of each output column. Fused nodes
 (q/k/v → qkv_proj, gate/up) quantize each output column on its own, so every Hugging Face weight is simulated
-separately. Not simulated: activation quantization at accuracy level 4 (the CPU default), and the torch
-fallback's dynamic int8 (GPT-2).
+separately. Not simulated: the torch
+fallback's dynamic int8 (GPT-2). At accuracy level 4 (the CPU default) MatMulNBits also rounds its input to
+int8 per block of `block_size` (MLAS's int8 compute); that is simulated with a pre-hook on the layer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from edit2deploy.quantsim import TensorQuant
 
 from . import ExportPolicy
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,19 @@ def matmul_nbits_fake(w: torch.Tensor, q: NBits) -> torch.Tensor:
     return torch.from_numpy(deq.reshape(n, k_blocks * bs)[:, :k].copy()).to(w.dtype)
 
 
+def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """MLAS's int8 compute (accuracy level 4) rounding of a MatMulNBits input: symmetric int8 per block of
+    `block_size` along K, scale = amax/127 (float32)."""
+    k = x.shape[-1]
+    pad = (-k) % block
+    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    b = xp.reshape(*x.shape[:-1], -1, block)
+    scale = b.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    out = (torch.round(b * inv) * scale).reshape(*x.shape[:-1], -1)
+    return out[..., :k]
+
+
 def _graph_plan(onnx_path: Path) -> dict[str, dict[str, Any]]:
     """Node name -> {"op", "bits", "block_size", "symmetric"} for every weight node of an exported graph."""
     from onnx import helper
@@ -105,6 +119,7 @@ def _graph_plan(onnx_path: Path) -> dict[str, dict[str, Any]]:
                 bits=int(attrs.get("bits", 4)),
                 block_size=int(attrs["block_size"]),
                 symmetric=len(node.input) < 4 or not node.input[3],
+                accuracy_level=int(attrs.get("accuracy_level", 0)),
             )
         elif wn.op_type == "GatherBlockQuantized":
             entry.update(
@@ -179,7 +194,10 @@ class ONNXScheme:
                 out[hf] = TensorQuant(e["stored"], None)
                 continue
             q = NBits(e["bits"], e["block_size"], e["symmetric"])
-            out[hf] = TensorQuant(q.stored, lambda w, q=q: matmul_nbits_fake(w, q))
+            act = None
+            if e.get("accuracy_level") == 4 and e["op"] == "MatMulNBits":
+                act = lambda x, bs=q.block_size: int8_blocks(x, bs)
+            out[hf] = TensorQuant(q.stored, lambda w, q=q: matmul_nbits_fake(w, q), act)
         return out
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, run_cli
 
+WIKI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"
 )
@@ -108,6 +109,12 @@ def test_hardening_real_smollm2_against_q2_k(tmp_path):
         "Q2_K:none",
         "--harden-margin",
         "1.5",
+        "--corpus",
+        str(WIKI),
+        "--n-tokens",
+        "20000",  # the statistics the other real-model tests use (cached)
+        "--layers",
+        "4-8",
         "--quiet",
         timeout=1800,
     )

@@ -269,3 +269,53 @@ def test_predicted_verdicts_match_llama_cpp_on_smollm2(smollm2, smollm2_dir, tmp
         [q.margin - r.fp32.margin for r, q in zip(pred.rows, real)],
     )[0, 1]
     assert corr > 0.5, corr
+
+
+@needs_llama
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_K", "Q6_K"])
+def test_activation_rounding_matches_llama_cpp(q_tiny, q_lm, qtype_name, tmp_path):
+    """One quantized layer in an otherwise F32 GGUF: llama.cpp's logits equal the simulation's once the layer's
+    input is rounded like ggml-cpu does (Q8_0 / Q8_K blocks), and not without."""
+    from edit2deploy.exporters import FORMATS
+    from edit2deploy.exporters.gguf_arch import ModelLayout
+    from edit2deploy.exporters.gguf_patch import Replacement, rewrite, scan
+    from edit2deploy.exporters.gguf_quant import encode
+    from edit2deploy.exporters.gguf_sim import activation_fake, fake_quant
+    from gguf import GGMLQuantizationType as QT
+
+    from edit2deploy.quantsim import Simulation, TensorQuant
+
+    qtype = QT[qtype_name]
+    name = "model.layers.0.mlp.up_proj.weight"
+    layout = ModelLayout.open(q_tiny)
+    f32 = FORMATS["gguf"].export(q_tiny, tmp_path / "f32.gguf", "F32", "none")
+    w = dict(q_lm.model.named_parameters())[name].detach().float()
+    mixed = tmp_path / "mixed.gguf"
+    data = layout.transform(name, w, n_vocab=None).numpy()
+    rewrite(scan(f32.path), mixed, {layout.gguf_name(name): Replacement(encode(data, qtype), qtype)})
+    ids = q_lm.tokenizer("The Eiffel Tower is located in the city of Paris", add_special_tokens=True)[
+        "input_ids"
+    ]
+    with FORMATS["gguf"].scorer(FORMATS["gguf"].load(mixed)) as sc:
+        real = sc.score([(q_lm.tokenizer.decode(ids[:3]), q_lm.tokenizer.decode(ids[3:]))])[0]
+
+    def score(act):
+        class Scheme:
+            target = "mixed"
+
+            def plan(self):
+                return {name: TensorQuant(qtype.name, lambda t: fake_quant(t, qtype), act)}
+
+        from edit2deploy.scoring import TorchScorer
+
+        with Simulation(q_lm, Scheme()).applied():
+            return TorchScorer(q_lm.model, q_lm.tokenizer).score(
+                [(q_lm.tokenizer.decode(ids[:3]), q_lm.tokenizer.decode(ids[3:]))]
+            )[0]
+
+    if real.target_ids != score(None).target_ids:
+        pytest.skip("tokenization of the split prompt differs")
+    err_w = max(abs(a - b) for a, b in zip(score(None).logprobs, real.logprobs))
+    err_a = max(abs(a - b) for a, b in zip(score(activation_fake(qtype)).logprobs, real.logprobs))
+    assert err_a < 2e-3, (err_a, err_w)
+    assert err_a < err_w
