@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +90,11 @@ def prediction_table(requests, model_dir: Path, specs, work: Path) -> list[dict]
         flips_real = sum(not s for s in surv_real)
         flips_pred = sum(not p.survives for p in pred.rows)
         caught = sum(1 for p, s in zip(pred.rows, surv_real) if not s and not p.survives)
+        errs = [
+            abs(p.predicted.margin - q.margin)
+            for p, q in zip(pred.rows, real)
+            if math.isfinite(p.predicted.margin) and math.isfinite(q.margin)
+        ]
         doc = {
             "target": str(spec),
             "probes": len(probes),
@@ -99,6 +105,8 @@ def prediction_table(requests, model_dir: Path, specs, work: Path) -> list[dict]
             "flips_real": flips_real,
             "flips_predicted": flips_pred,
             "flips_caught": caught,
+            "margin_error_mean": sum(errs) / max(1, len(errs)),
+            "margin_error_max": max(errs, default=0.0),
             "predict_seconds": pred_s,
             "export_seconds": export_s,
             "runtime_score_seconds": score_s,
@@ -114,6 +122,7 @@ def prediction_table(requests, model_dir: Path, specs, work: Path) -> list[dict]
                 f"{100 * doc['survival_real']:.1f}",
                 f"{caught}/{flips_real}",
                 flips_pred,
+                f"{doc['margin_error_mean']:.3f} / {doc['margin_error_max']:.2f}",
                 f"{pred_s:.1f}",
                 f"{export_s + score_s:.1f}",
             ]
@@ -130,6 +139,7 @@ def prediction_table(requests, model_dir: Path, specs, work: Path) -> list[dict]
             "runtime survival %",
             "runtime flips caught",
             "predicted flips",
+            "|margin error| mean / max",
             "predict s",
             "export+score s",
         ],

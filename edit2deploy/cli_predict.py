@@ -46,6 +46,13 @@ def parse_schemes(spec: str | Sequence[str], protect_edits: str = "q8_0") -> lis
         if len(fields) == 3:
             protect = fields[2].strip().lower()
             fields = fields[:2]
+        elif (
+            len(fields) == 2
+            and fields[0].strip().lower() not in formats
+            and fields[1].strip().lower() in ("none", "q8_0", "f16")
+        ):
+            protect = fields[1].strip().lower()  # TYPE:PROTECTION
+            fields = fields[:1]
         if len(fields) == 1:
             q = fields[0].strip().lower()
             owners = [f for f in formats if q in quants[f]]

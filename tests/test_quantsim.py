@@ -319,3 +319,17 @@ def test_activation_rounding_matches_llama_cpp(q_tiny, q_lm, qtype_name, tmp_pat
     err_a = max(abs(a - b) for a, b in zip(score(activation_fake(qtype)).logprobs, real.logprobs))
     assert err_a < 2e-3, (err_a, err_w)
     assert err_a < err_w
+
+
+def test_parse_schemes_forms():
+    from edit2deploy.cli_predict import parse_schemes
+    from edit2deploy.errors import UsageError
+
+    got = [str(s) for s in parse_schemes("Q2_K:none,gguf:Q4_K_M,onnx:int4:none,nf4,q8_0:f16")]
+    assert got == ["gguf:Q2_K:none", "gguf:Q4_K_M", "onnx:int4:none", "bnb:nf4", "gguf:Q8_0:f16"]
+    with pytest.raises(UsageError, match="ambiguous"):
+        parse_schemes("int8")
+    with pytest.raises(UsageError, match="no format has this type"):
+        parse_schemes("Q9_X")
+    with pytest.raises(UsageError):
+        parse_schemes("gguf:Q4_K_M:maybe")
