@@ -87,7 +87,7 @@ def verify(
     from .ledger import Ledger
     from .models import open_model, resolve_model_dir
     from .pipeline import gates_for, paired_baseline, split_gates
-    from .requests import EditRequest, load_requests
+    from .requests import EditRequest
     from .scoring import TorchScorer
     from .verify import verify as _verify
 
@@ -116,12 +116,8 @@ def verify(
             for q in ledger.batch_record(b)["requests"]
         ]
     else:
-        requests = load_requests(edits) if isinstance(edits, (str, Path)) else list(edits)
-    extra = (
-        (load_requests(preserved) if isinstance(preserved, (str, Path)) else list(preserved))
-        if preserved
-        else []
-    )
+        requests = _requests(edits)
+    extra = _requests(preserved) if preserved else []
     reference = TorchScorer(lm.model, lm.tokenizer)
     base_ref = base_scorer = None
     if ledger is not None:
@@ -157,7 +153,6 @@ def predict(
     from .models import open_model
     from .quantsim import Simulation, suite
     from .quantsim import predict as _predict
-    from .requests import load_requests
     from .scoring import TorchScorer
 
     specs = parse_schemes(quant, protect_edits)
@@ -169,12 +164,8 @@ def predict(
                 f"predict: edits= is required ({model} has no edit ledger to take the facts from)"
             )
     else:
-        requests = load_requests(edits) if isinstance(edits, (str, Path)) else list(edits)
-    extra = (
-        (load_requests(preserved) if isinstance(preserved, (str, Path)) else list(preserved))
-        if preserved
-        else []
-    )
+        requests = _requests(edits)
+    extra = _requests(preserved) if preserved else []
     probes = suite(requests, extra)
     reference = run_probes(TorchScorer(lm.model, lm.tokenizer), probes, lm.tokenizer.decode)
     base = Path(patch) if patch is not None else None
@@ -186,3 +177,10 @@ def predict(
         )
         for s in specs
     ]
+
+
+def _requests(source: str | Path | Sequence[EditRequest]) -> list[EditRequest]:
+    """Requests from an edit file, or the given ones."""
+    from .requests import load_requests
+
+    return load_requests(source) if isinstance(source, (str, Path)) else list(source)

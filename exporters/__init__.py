@@ -201,6 +201,18 @@ _SIM_MODULES: dict[str, str] = {
 SIMULATORS: Mapping[str, Any] = _Formats(_SIM_MODULES, attr="SIMULATOR")
 
 
+def scheme_label(fmt: str, quant: str, policy: ExportPolicy) -> str:
+    """A simulated target's name: "gguf:Q4_K_M", with ":none"/":f16" when not the default protection."""
+    return f"{fmt}:{quant}" + ("" if policy.protect_edits == "q8_0" else f":{policy.protect_edits}")
+
+
+def edited_tensor_list(model_dir: Path | str, edited: Sequence[str] | None) -> list[str]:
+    """`edited`, or the HF names of the tensors the model's edit ledger changed."""
+    from edit2deploy.ledger import read_edit_info
+
+    return list(read_edit_info(model_dir).edited_tensors if edited is None else edited)
+
+
 def get_format(name: str) -> Exporter:
     """The exporter for a format name; a clear error listing the formats otherwise."""
     key = name.lower()

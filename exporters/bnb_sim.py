@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from edit2deploy.errors import UsageError
-from edit2deploy.ledger import read_edit_info
 from edit2deploy.quantsim import TensorQuant
 
-from . import ExportPolicy
+from . import ExportPolicy, edited_tensor_list, scheme_label
 
 QUANT_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 _PROTECT_BITS = {"none": 0, "q8_0": 8, "f16": 16}
@@ -126,8 +125,8 @@ class BnbSimulator:
         model_dir = Path(model_dir)
         quant = norm_quant(quant)
         policy = ExportPolicy.coerce(policy)
-        edited = list(read_edit_info(model_dir).edited_tensors if edited_tensors is None else edited_tensors)
-        label = f"bnb:{quant}" + ("" if policy.protect_edits == "q8_0" else f":{policy.protect_edits}")
+        edited = edited_tensor_list(model_dir, edited_tensors)
+        label = scheme_label("bnb", quant, policy)
         return BnbScheme(label, quant, _linear_weights(model_dir), skipped_modules(quant, policy, edited))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from edit2deploy.errors import UsageError
 from edit2deploy.models import cache_root
 from edit2deploy.quantsim import TensorQuant
 
-from . import ExportPolicy
+from . import ExportPolicy, edited_tensor_list, scheme_label
 from .gguf_arch import ModelLayout, is_float_only
 from .gguf_patch import is_gguf, scan
 from .gguf_quant import encode
@@ -237,29 +237,21 @@ class GGUFSimulator:
         patch_base: Path | str | None = None,
         **_: object,
     ) -> GGUFScheme:
-        from .gguf import _edited_list
-
         model_dir = Path(model_dir)
         policy = ExportPolicy.coerce(policy)
         layout = ModelLayout.open(model_dir)
-        edited = _edited_list(model_dir, edited_tensors)
+        edited = edited_tensor_list(model_dir, edited_tensors)
         if patch_base is not None:
             edited_gguf = [g for g in (layout.gguf_name(h) for h in edited) if g is not None]
             types = patched_types(Path(patch_base), policy, edited_gguf)
-            label = f"gguf:patch({Path(patch_base).name})"
+            label = scheme_label("gguf", f"patch({Path(patch_base).name})", policy)
         else:
             if quant is None:
                 raise UsageError("a GGUF prediction needs --quant (or --patch BASE.gguf)")
             quant = quant_spec(quant).name
             types = exported_types(model_dir, quant, policy, edited)
-            label = f"gguf:{quant}"
-        if policy.protect_edits != "q8_0":
-            label += f":{policy.protect_edits}"
+            label = scheme_label("gguf", quant, policy)
         return GGUFScheme(label, layout, types, _shapes(model_dir))
 
 
 SIMULATOR = GGUFSimulator()
-
-
-def stored_types(plan: Mapping[str, TensorQuant]) -> dict[str, str]:
-    return {n: q.stored for n, q in plan.items()}

@@ -26,11 +26,10 @@ import torch
 
 from edit2deploy.atomic import atomic_file
 from edit2deploy.errors import UsageError
-from edit2deploy.ledger import read_edit_info
 from edit2deploy.models import cache_root
 from edit2deploy.quantsim import TensorQuant
 
-from . import ExportPolicy
+from . import ExportPolicy, edited_tensor_list, scheme_label
 
 PLAN_VERSION = 2
 
@@ -234,10 +233,10 @@ class ONNXSimulator:
         model_dir = Path(model_dir)
         quant = _norm_quant(quant)
         policy = ExportPolicy.coerce(policy)
-        edited = list(read_edit_info(model_dir).edited_tensors if edited_tensors is None else edited_tensors)
+        edited = edited_tensor_list(model_dir, edited_tensors)
         nodes = exported_plan(model_dir, quant, policy, edited, dict(options or {}))
         names, _ = _weights(model_dir)
-        label = f"onnx:{quant}" + ("" if policy.protect_edits == "q8_0" else f":{policy.protect_edits}")
+        label = scheme_label("onnx", quant, policy)
         return ONNXScheme(label, nodes, names)
 
 

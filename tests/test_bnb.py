@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FACTS, ROOT, tree_digest
+from conftest import FACTS, ROOT, perturbed_copy, tree_digest
 from edit2deploy.exporters import FORMATS, Exporter, detect_format, get_format
 from edit2deploy.exporters.bnb import META_FILE, check_artifact, is_bnb_dir, load_artifact, stored_types
 
@@ -38,27 +37,6 @@ PAIRS = [
 ]
 
 
-def _edited_copy(src: Path, dst: Path, names: list[str], scale: float = 0.05) -> Path:
-    """A copy of an HF dir whose `names` are changed, with a ledger state naming them (as `edit` writes it)."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    for n in names:
-        w = sd[n]
-        sd[n] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "edit2deploy").mkdir(exist_ok=True)
-    (dst / "edit2deploy" / "state.json").write_text(
-        json.dumps({"base_model": str(src), "edited_tensors": names})
-    )
-    return dst
-
-
 def _fp32_scores(model_dir: Path, pairs):
     from edit2deploy.models import open_model
 
@@ -77,7 +55,9 @@ def b_tiny(tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def b_tiny_edited(b_tiny, tmp_path_factory) -> Path:
-    return _edited_copy(b_tiny, tmp_path_factory.mktemp("b-edited"), [EDITED])
+    return perturbed_copy(
+        b_tiny, tmp_path_factory.mktemp("b-edited"), [EDITED], scale=0.05, base_model=str(b_tiny)
+    )
 
 
 # ==================================================================== registry, names, errors

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_copy
 from edit2deploy.exporters import (
     FORMATS,
     Artifact,
@@ -44,26 +45,6 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 GGUF = FORMATS["gguf"]
-
-
-def _perturb_copy(src: Path, dst: Path, names: list[str], scale: float = 0.01) -> Path:
-    """A copy of an HF dir whose `names` are slightly changed, with the ledger's state.json naming them."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    for n in names:
-        w = sd[n]
-        sd[n] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "edit2deploy").mkdir(exist_ok=True)
-    state = {"base_model": "smollm2-135m", "edited_tensors": names}
-    (dst / "edit2deploy" / "state.json").write_text(json.dumps(state))
-    return dst
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -164,7 +145,7 @@ TINY_EDIT = "model.layers.1.mlp.down_proj.weight"
 
 @pytest.fixture(scope="module")
 def g_tiny_edited(tmp_path_factory, g_tiny) -> Path:
-    return _perturb_copy(g_tiny("llama"), tmp_path_factory.mktemp("g-tiny-edited"), [TINY_EDIT], scale=0.05)
+    return perturbed_copy(g_tiny("llama"), tmp_path_factory.mktemp("g-tiny-edited"), [TINY_EDIT], scale=0.05)
 
 
 # ==================================================================== registry, names, policy
@@ -448,7 +429,7 @@ def g_hf(g_smollm2_dir):
 @pytest.fixture(scope="module")
 def g_edited_dir(tmp_path_factory, g_smollm2_dir) -> Path:
     names = [f"model.layers.{i}.mlp.down_proj.weight" for i in EDITED_LAYERS]
-    return _perturb_copy(g_smollm2_dir, tmp_path_factory.mktemp("g-smollm2-edited"), names)
+    return perturbed_copy(g_smollm2_dir, tmp_path_factory.mktemp("g-smollm2-edited"), names)
 
 
 @pytest.fixture(scope="module")
@@ -683,7 +664,7 @@ def test_gemma3_270m_export_and_patch(tmp_path_factory):
             with torch.no_grad():
                 want = model(torch.tensor([ids])).logits[0].numpy()
             assert _rel_err(sc.logits(ids), want) < 1e-3
-    edited = _perturb_copy(d, work / "edited", ["model.layers.4.mlp.down_proj.weight"])
+    edited = perturbed_copy(d, work / "edited", ["model.layers.4.mlp.down_proj.weight"])
     patched = GGUF.export(edited, work / "patched.gguf", None, patch_base=src)
     assert patched.quant == "Q4_K_M" and patched.edited_types == {
         "model.layers.4.mlp.down_proj.weight": "Q8_0"

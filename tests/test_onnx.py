@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import perturbed_copy
 from edit2deploy.exporters import FORMATS, Artifact, Exporter, detect_format, get_format
 from edit2deploy.exporters.onnx import META_FILE, check_artifact, load_artifact, standalone_generate
 from edit2deploy.exporters.onnx_builder import QuantOptions, builder_extra_options, builder_node_candidates
@@ -40,26 +39,6 @@ PAIRS = [
     ("Hello", " world"),
     ("A longer prompt, so that the batch needs padding for", " this one"),
 ]
-
-
-def _perturb_copy(src: Path, dst: Path, names: list[str], scale: float = 0.01) -> Path:
-    """A copy of an HF dir whose `names` are slightly changed, with the ledger's state.json naming them."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    for n in names:
-        w = sd[n]
-        sd[n] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "edit2deploy").mkdir(exist_ok=True)
-    state = {"base_model": "smollm2-135m", "edited_tensors": names}
-    (dst / "edit2deploy" / "state.json").write_text(json.dumps(state))
-    return dst
 
 
 def _torch_scores(model_dir: Path, pairs):
@@ -156,7 +135,7 @@ def test_tiny_builder_fp32_matches_torch_with_bos(tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def o_gpt2_edited(tiny_model_dir, tmp_path_factory) -> Path:
     src = tiny_model_dir("gpt2")
-    return _perturb_copy(
+    return perturbed_copy(
         src, tmp_path_factory.mktemp("o-gpt2-edited"), ["transformer.h.1.mlp.c_proj.weight"], 0.05
     )
 
@@ -234,7 +213,7 @@ def o_int8(smollm2_dir, tmp_path_factory) -> Artifact:
 @pytest.fixture(scope="module")
 def o_edited_dir(smollm2_dir, tmp_path_factory) -> Path:
     names = [f"model.layers.{i}.mlp.down_proj.weight" for i in EDITED_LAYERS]
-    return _perturb_copy(smollm2_dir, tmp_path_factory.mktemp("o-edited"), names, scale=0.01)
+    return perturbed_copy(smollm2_dir, tmp_path_factory.mktemp("o-edited"), names, scale=0.01)
 
 
 @pytest.fixture(scope="module")

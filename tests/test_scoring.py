@@ -65,6 +65,7 @@ def _models(request, name):
 
 
 # float32 noise: batched vs unbatched kernels differ in summation order; 30 layers (SmolLM2) add up to ~2e-5
+# on AMX Intel cores and up to ~5e-5 per token on AVX2-only AMD cores
 TOL = {"tiny_llama": 1e-5, "tiny_bos_gemma": 1e-5, "tiny_gpt2": 1e-5, "smollm2": 1e-4}
 
 
@@ -88,7 +89,8 @@ def test_logprobs_and_greedy_equal_hand_computation(request, model_name):
         assert len(s.logprobs) == len(c_ids) >= 1
         assert s.logprobs == pytest.approx(lps, abs=TOL[model_name])
         assert list(s.greedy_ids) == greedy
-        assert s.total == pytest.approx(sum(lps), abs=1e-4)
+        # the total adds one per-token error per token (each within TOL)
+        assert s.total == pytest.approx(sum(lps), abs=TOL[model_name] * len(lps))
         assert s.mean == pytest.approx(sum(lps) / len(lps), abs=TOL[model_name])
     assert any(len(s.target_ids) >= 4 for s in got)  # multi-token continuations were exercised
 
