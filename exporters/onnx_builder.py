@@ -241,9 +241,11 @@ def run_builder(
             "-m",
             "onnxruntime_genai.models.builder",
             "-i",
-            str(model_dir),
+            # absolute: the builder runs in its cache dir, and a relative path that does not resolve there is
+            # taken for a hub model id (and fails offline)
+            str(Path(model_dir).resolve()),
             "-o",
-            str(out_dir),
+            str(Path(out_dir).resolve()),
             "-p",
             precision,
             "-e",

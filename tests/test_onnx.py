@@ -131,6 +131,16 @@ def test_tiny_builder_fp32_matches_torch_with_bos(tiny_model_dir, tmp_path):
     assert isinstance(loaded, Artifact) and loaded.quant == "fp32" and check_artifact(loaded) == []
 
 
+def test_builder_takes_relative_paths(tiny_model_dir, tmp_path, monkeypatch):
+    """`demo`/`run` pass paths relative to the working directory; the builder runs elsewhere (its cache dir)."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    art = ONNX.export(Path("model"), Path("out") / "onnx-int8", "int8")
+    assert (tmp_path / "out" / "onnx-int8" / "model.onnx").is_file() and art.quant == "int8"
+
+
 # ==================================================================== torch fallback (GPT-2) on a tiny model
 @pytest.fixture(scope="module")
 def o_gpt2_edited(tiny_model_dir, tmp_path_factory) -> Path:
