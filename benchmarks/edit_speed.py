@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--layers", default="4-8")
     ap.add_argument("--method", default="default")
     ap.add_argument("--n-tokens", type=int, default=100_000)
-    ap.add_argument("--variants", default="batched,one-at-a-time", help="comma list: batched, one-at-a-time, no-mpes")
+    ap.add_argument("--variants", default="batched,one-at-a-time", help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, no-mpes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -40,6 +40,12 @@ def main() -> None:
     variants = {
         "batched": base,
         "one-at-a-time": dataclasses.replace(base, values=dataclasses.replace(base.values, group=1)),
+        # One request at a time over whole rows: the reference's procedure minus our lower-block replay and
+        # scored-positions-only head, so a conservative (fast) stand-in for it.
+        "one-at-a-time-whole-rows": dataclasses.replace(
+            base, values=dataclasses.replace(base.values, group=1, prefix_cache=False)
+        ),
+        "batched-whole-rows": dataclasses.replace(base, values=dataclasses.replace(base.values, prefix_cache=False)),
         "no-mpes": dataclasses.replace(base, method="alphaedit"),
     }
     print(f"machine: {machine()}")

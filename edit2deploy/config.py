@@ -12,7 +12,7 @@ from .methods.values import ValueHParams
 
 
 def parse_layers(text: str, where: str = "--layers") -> tuple[int, ...]:
-    """"4-8" or "4,5,6" or "4-6,9" → (4, 5, 6, 9)."""
+    """ "4-8" or "4,5,6" or "4-6,9" → (4, 5, 6, 9)."""
     out: list[int] = []
     try:
         for part in str(text).split(","):
@@ -57,7 +57,9 @@ def edit_config_from(table: dict, where: str, base: EditConfig | None = None) ->
                 raise UsageError(f"{where}: field 'method': '{value}' (expected one of {', '.join(METHODS)})")
             changes[key] = value
         elif key == "layers":
-            changes[key] = parse_layers(",".join(map(str, value)) if isinstance(value, list) else value, where)
+            changes[key] = parse_layers(
+                ",".join(map(str, value)) if isinstance(value, list) else value, where
+            )
         elif key in top and key != "values":
             changes[key] = _typed(where, key, value, getattr(base, key))
         elif key == "mpes":
@@ -67,7 +69,9 @@ def edit_config_from(table: dict, where: str, base: EditConfig | None = None) ->
         elif key in val:
             vchanges[key] = _typed(where, key, value, getattr(base.values, key))
         else:
-            raise UsageError(f"{where}: unknown field '{key}' (expected one of: {', '.join(sorted((set(top) | val) - {'values'}))})")
+            raise UsageError(
+                f"{where}: unknown field '{key}' (expected one of: {', '.join(sorted((set(top) | val) - {'values'}))})"
+            )
     return dataclasses.replace(base, **changes, values=dataclasses.replace(base.values, **vchanges))
 
 

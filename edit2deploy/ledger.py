@@ -71,8 +71,14 @@ class Ledger:
 
     @classmethod
     def new(cls, base_model: str, base_fingerprint: str, **state) -> Ledger:
-        st = {"format": 1, "base_model": base_model, "base_fingerprint": base_fingerprint,
-              "edited_tensors": [], "batches": [], **state}
+        st = {
+            "format": 1,
+            "base_model": base_model,
+            "base_fingerprint": base_fingerprint,
+            "edited_tensors": [],
+            "batches": [],
+            **state,
+        }
         return cls(st, [], {}, {}, {})
 
     @classmethod
@@ -99,13 +105,17 @@ class Ledger:
         for r in self.records:
             if r.get("type") == "batch" and r["id"] == batch_id:
                 return r
-        raise UsageError(f"no batch '{batch_id}' in the ledger (batches: {', '.join(self.active_batches) or 'none'})")
+        raise UsageError(
+            f"no batch '{batch_id}' in the ledger (batches: {', '.join(self.active_batches) or 'none'})"
+        )
 
     def next_batch_id(self) -> str:
         n = sum(1 for r in self.records if r.get("type") == "batch") + 1
         return f"batch-{n:04d}"
 
-    def add_batch(self, record: dict, tensors: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> None:
+    def add_batch(
+        self, record: dict, tensors: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]
+    ) -> None:
         for name, w0 in originals.items():
             if name not in self.originals:
                 self.originals[name] = w0.detach().cpu().contiguous()
@@ -169,8 +179,9 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def rollback(model_dir: Path | str, last: int | None = None, batch: str | None = None,
-             out: Path | str | None = None) -> dict:
+def rollback(
+    model_dir: Path | str, last: int | None = None, batch: str | None = None, out: Path | str | None = None
+) -> dict:
     """Undo the last N batches, or one named batch, writing the result to `out` (default: in place).
 
     Returns a summary with the removed batches and, per edited tensor, whether the restored bytes
@@ -195,7 +206,9 @@ def rollback(model_dir: Path | str, last: int | None = None, batch: str | None =
     kept = [b for b in active if b not in removed]
     expected = {name: ledger.recorded_sha256(name, kept) for name in ledger.originals}
     restored = {name: ledger.replay(name, kept) for name in ledger.originals}
-    checks = {name: (tensor_sha256(w) == expected[name]) if expected[name] else None for name, w in restored.items()}
+    checks = {
+        name: (tensor_sha256(w) == expected[name]) if expected[name] else None for name, w in restored.items()
+    }
     if any(v is False for v in checks.values()):
         bad = [n for n, v in checks.items() if v is False]
         raise UsageError(f"rollback would not restore the recorded bytes of {bad}; nothing was written")

@@ -42,7 +42,10 @@ class EditRequest:
     def from_json(cls, d: dict) -> EditRequest:
         """Inverse of `to_json` (ledger records)."""
         return cls(
-            prompt=d["prompt"], subject=d["subject"], target_new=d["target_new"], target_true=d.get("target_true"),
+            prompt=d["prompt"],
+            subject=d["subject"],
+            target_new=d["target_new"],
+            target_true=d.get("target_true"),
             paraphrases=tuple(d.get("paraphrases", ())),
             neighborhood=tuple(Neighbor(n["prompt"], n["answer"]) for n in d.get("neighborhood", ())),
             id=str(d.get("id", "")),

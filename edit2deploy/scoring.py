@@ -87,6 +87,23 @@ def pad_batch(
     return ids, mask, positions, offsets
 
 
+def length_buckets(lengths: Sequence[int], waste: float = 0.15) -> list[list[int]]:
+    """Group indices (longest first) so each group's padded size is ≤ (1 + waste) × its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    real = 0
+    for i in order:
+        if buckets:
+            width = lengths[buckets[-1][0]]
+            if width * (len(buckets[-1]) + 1) <= (1 + waste) * (real + lengths[i]):
+                buckets[-1].append(i)
+                real += lengths[i]
+                continue
+        buckets.append([i])
+        real = lengths[i]
+    return buckets
+
+
 class TorchScorer:
     """Scores with a (Hugging Face) torch model, batched."""
 

@@ -54,7 +54,9 @@ def corpus_from_path(path: str | Path | None) -> Corpus:
         return Corpus(id="generated-v1", path=None)
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"--corpus: {p}: not found (expected a text file or a directory of .txt/.jsonl files)")
+        raise UsageError(
+            f"--corpus: {p}: not found (expected a text file or a directory of .txt/.jsonl files)"
+        )
     files = _corpus_files(p)
     h = hashlib.sha256()
     for f in files:
@@ -98,7 +100,9 @@ def _file_texts(f: Path) -> Iterator[str]:
             yield "\n".join(buf)
 
 
-def corpus_token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, quiet: bool = False) -> list[list[int]]:
+def corpus_token_chunks(
+    lm: LoadedModel, corpus: Corpus, n_tokens: int, quiet: bool = False
+) -> list[list[int]]:
     """Token id sequences (each ≤ MAX_SEQ_LEN and ≤ the model's context length) totalling about `n_tokens`."""
     if corpus.path is None:
         return generated_token_chunks(lm, n_tokens, quiet=quiet)
@@ -144,7 +148,11 @@ def generated_token_chunks(
             i += rows
             enc = tok(seeds, return_tensors="pt", padding=True, padding_side="left").to(device)
             out = model.generate(
-                **enc, do_sample=True, top_k=50, max_new_tokens=seq_len, pad_token_id=pad,
+                **enc,
+                do_sample=True,
+                top_k=50,
+                max_new_tokens=seq_len,
+                pad_token_id=pad,
                 min_new_tokens=seq_len,
             )
             for row in out:
@@ -184,7 +192,9 @@ def collect_key_stats(
 
         return hook
 
-    handles = [model.get_submodule(arch.mlp_out_name(li)).register_forward_pre_hook(hook_for(li)) for li in layers]
+    handles = [
+        model.get_submodule(arch.mlp_out_name(li)).register_forward_pre_hook(hook_for(li)) for li in layers
+    ]
     total = sum(len(c) for c in chunks)
     bar = tqdm(total=total, desc="key statistics", unit="tok", disable=quiet)
     start = time.perf_counter()
@@ -221,7 +231,13 @@ def load_cached(path: Path) -> KeyStats | None:
         if _tensor_sha(C) != meta["sha256"]:
             raise ValueError("checksum mismatch")
         return KeyStats(int(meta["layer"]), C, int(meta["n_tokens"]))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as exc:  # corrupt: recompute
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        json.JSONDecodeError,
+        SafetensorError,
+    ) as exc:  # corrupt: recompute
         warnings.warn(f"statistics cache {path} is corrupt ({exc}); recomputing", stacklevel=2)
         return None
 
@@ -245,7 +261,9 @@ def key_stats(
     """C for each layer: from the cache where present and valid, else all missing layers in one pass."""
     bad = [li for li in layers if not 0 <= li < lm.num_layers]
     if bad:
-        raise UsageError(f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
+        raise UsageError(
+            f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})"
+        )
     out: dict[int, KeyStats] = {}
     for li in layers:
         cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))

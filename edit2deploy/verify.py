@@ -26,7 +26,9 @@ class Gates:
     """Thresholds; a gate set to None is not checked."""
 
     survival: float | None = 0.95  # min fraction of all probe verdicts equal to fp32
-    specificity_drop: float | None = 5.0  # max points neighbourhood(baseline artifact) − neighbourhood(artifact)
+    specificity_drop: float | None = (
+        5.0  # max points neighbourhood(baseline artifact) − neighbourhood(artifact)
+    )
     efficacy: float | None = None  # min efficacy (0-100) in the artifact
     # Relative edited-fact gate (for lossy formats): survival of edited probes ≥ the paired baseline's
     # agreement with fp32 on preserved probes − this many points.
@@ -45,7 +47,9 @@ class Gates:
             name, _, value = item.partition("=")
             name = name.strip().replace("-", "_")
             if name not in names or not value:
-                raise UsageError(f"--gate {item}: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+                raise UsageError(
+                    f"--gate {item}: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}"
+                )
             try:
                 g = replace(g, **{name: None if value.strip() == "off" else float(value)})
             except ValueError:
@@ -172,34 +176,70 @@ def verify(
     }
     agreement = None
     if baseline is not None and base_reference is not None:
-        agreement = _fraction([r.baseline.success == r.base_fp32.success for r in rows
-                               if r.probe.kind in PRESERVED_KINDS])
+        agreement = _fraction(
+            [r.baseline.success == r.base_fp32.success for r in rows if r.probe.kind in PRESERVED_KINDS]
+        )
 
     results: list[GateResult] = []
     if gates.survival is not None:
         value = survival["all"]
         failing = [_label(r) for r in rows if not r.survived]
-        results.append(GateResult("survival", value, gates.survival, value is not None and value >= gates.survival,
-                                  f"verdicts equal to fp32: {value:.3f} (need ≥ {gates.survival})", failing))
+        results.append(
+            GateResult(
+                "survival",
+                value,
+                gates.survival,
+                value is not None and value >= gates.survival,
+                f"verdicts equal to fp32: {value:.3f} (need ≥ {gates.survival})",
+                failing,
+            )
+        )
     if gates.specificity_drop is not None and baseline is not None:
         b, a = rates["baseline"]["neighborhood"], rates["artifact"]["neighborhood"]
         if b is not None and a is not None:
             drop = b - a
-            failing = [_label(r) for r in rows if r.probe.kind == "neighborhood" and r.baseline.success
-                       and not r.artifact.success]
-            results.append(GateResult("specificity_drop", drop, gates.specificity_drop, drop <= gates.specificity_drop,
-                                      f"neighbourhood {a:.1f} vs paired baseline {b:.1f}: drop {drop:.1f} points "
-                                      f"(allowed ≤ {gates.specificity_drop})", failing))
+            failing = [
+                _label(r)
+                for r in rows
+                if r.probe.kind == "neighborhood" and r.baseline.success and not r.artifact.success
+            ]
+            results.append(
+                GateResult(
+                    "specificity_drop",
+                    drop,
+                    gates.specificity_drop,
+                    drop <= gates.specificity_drop,
+                    f"neighbourhood {a:.1f} vs paired baseline {b:.1f}: drop {drop:.1f} points "
+                    f"(allowed ≤ {gates.specificity_drop})",
+                    failing,
+                )
+            )
     if gates.efficacy is not None:
         value = rates["artifact"]["edit"]
         failing = [_label(r) for r in rows if r.probe.kind == "edit" and not r.artifact.success]
-        results.append(GateResult("efficacy", value, gates.efficacy, value is not None and value >= gates.efficacy,
-                                  f"efficacy in the artifact {value:.1f} (need ≥ {gates.efficacy})", failing))
+        results.append(
+            GateResult(
+                "efficacy",
+                value,
+                gates.efficacy,
+                value is not None and value >= gates.efficacy,
+                f"efficacy in the artifact {value:.1f} (need ≥ {gates.efficacy})",
+                failing,
+            )
+        )
     if gates.relative_margin is not None and agreement is not None and survival["edited"] is not None:
         need = 100 * agreement - gates.relative_margin
         value = 100 * survival["edited"]
         failing = [_label(r) for r in rows if r.probe.kind in EDITED_KINDS and not r.survived]
-        results.append(GateResult("relative_survival", value, need, value >= need,
-                                  f"edited survival {value:.1f} vs baseline agreement {100 * agreement:.1f} − "
-                                  f"{gates.relative_margin}", failing))
+        results.append(
+            GateResult(
+                "relative_survival",
+                value,
+                need,
+                value >= need,
+                f"edited survival {value:.1f} vs baseline agreement {100 * agreement:.1f} − "
+                f"{gates.relative_margin}",
+                failing,
+            )
+        )
     return Verification(rows, rates, survival, agreement, results)

@@ -357,6 +357,21 @@ def test_batched_values_equal_one_request_at_a_time(tiny_llama, lr):
         )
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("z_layer", [0, 2])
+def test_prefix_cache_steps_equal_whole_rows(tiny_model_dir, family, z_layer):
+    """Each step runs only the tokens from the subject on, attending to cached keys/values of the tokens
+    before it. That is exact: δ, steps and convergence equal whole-row steps (float32, MPES on)."""
+    lm = open_model(tiny_model_dir(family, layers=4))
+    templates = context_templates(PREFIXES)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, dtype="float32")
+    cached = _z(lm, REQUESTS, templates, hp, z_layer)
+    whole = _z(lm, REQUESTS, templates, dataclasses.replace(hp, prefix_cache=False), z_layer)
+    assert cached.steps == whole.steps and cached.converged == whole.converged
+    assert cached.delta.abs().max() > 1e-3
+    assert torch.allclose(cached.z, whole.z, atol=1e-5, rtol=1e-5)
+
+
 def _easy_request(lm) -> EditRequest:
     """A request whose target is already the model's top-1 after the bare prompt (converged at step 0)."""
     tok = lm.tokenizer

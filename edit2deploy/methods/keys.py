@@ -13,7 +13,7 @@ import torch
 from ..forward import StopForward, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import pad_batch
+from ..scoring import length_buckets, pad_batch
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -45,7 +45,7 @@ def generate_prefixes(
 
 
 def context_templates(prefixes: Sequence[str]) -> list[str]:
-    """"{}" (the bare prompt) first, then one template per prefix."""
+    """ "{}" (the bare prompt) first, then one template per prefix."""
     return ["{}"] + [p + ". {}" for p in prefixes]
 
 
@@ -91,37 +91,49 @@ def keys_and_outputs(
     lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], layer: int, z_layer: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the block output at `z_layer` (d, n)
-    at the subject's last token of the bare prompt. One padded forward pass."""
+    at the subject's last token of the bare prompt. A padded forward pass per length bucket."""
     tok, model, arch = lm.tokenizer, lm.model, lm.arch
     device = next(model.parameters()).device
     located = [locate_in_template(tok, t, r) for r in requests for t in templates]
-    ids, mask, pos, offsets = pad_batch([x.ids for x in located], pad_id(tok), "right")
-    rows = torch.arange(len(located))
-    cols = torch.tensor([o + x.subject_last for o, x in zip(offsets, located)])
-    captured: dict[str, torch.Tensor] = {}
+    d_in = arch.to_out_in(arch.get_weight(model, layer)).shape[1]
+    d = model.config.get_text_config().hidden_size
+    k_all = torch.zeros(len(located), d_in, dtype=torch.float64, device=device)
+    h_all = torch.zeros(len(located), d, dtype=torch.float64, device=device)
+    # Causal attention: nothing after the subject's last token affects k or h there, so rows end at it.
+    for bucket in length_buckets([x.subject_last + 1 for x in located]):
+        part = [located[i] for i in bucket]
+        ids, mask, pos, offsets = pad_batch([x.ids[: x.subject_last + 1] for x in part], pad_id(tok), "right")
+        rows = torch.arange(len(part))
+        cols = torch.tensor([o + x.subject_last for o, x in zip(offsets, part)])
+        captured: dict[str, torch.Tensor] = {}
 
-    def key_hook(_m, inputs):
-        captured["k"] = inputs[0][rows, cols].double()
+        def key_hook(_m, inputs, rows=rows, cols=cols, captured=captured):
+            captured["k"] = inputs[0][rows, cols].double()
 
-    def out_hook(_m, _inputs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        captured["h"] = h[rows, cols].double()
-        raise StopForward
+        def out_hook(_m, _inputs, output, rows=rows, cols=cols, captured=captured):
+            h = output[0] if isinstance(output, tuple) else output
+            captured["h"] = h[rows, cols].double()
+            raise StopForward
 
-    handles = [
-        model.get_submodule(arch.mlp_out_name(layer)).register_forward_pre_hook(key_hook),
-        model.get_submodule(arch.block_name(z_layer)).register_forward_hook(out_hook),
-    ]
-    try:
-        # Nothing above the z layer matters here: stop the forward pass there.
-        run_until_stop(
-            model.base_model, input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
-        )
-    finally:
-        for h in handles:
-            h.remove()
+        handles = [
+            model.get_submodule(arch.mlp_out_name(layer)).register_forward_pre_hook(key_hook),
+            model.get_submodule(arch.block_name(z_layer)).register_forward_hook(out_hook),
+        ]
+        try:
+            # Nothing above the z layer matters here: stop the forward pass there.
+            run_until_stop(
+                model.base_model,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=pos.to(device),
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        k_all[bucket] = captured["k"]
+        h_all[bucket] = captured["h"]
     n_t = len(templates)
-    k = captured["k"].reshape(len(requests), n_t, -1)
+    k = k_all.reshape(len(requests), n_t, -1)
     keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if n_t > 1 else k[:, 0]
-    h = captured["h"].reshape(len(requests), n_t, -1)[:, 0]
+    h = h_all.reshape(len(requests), n_t, -1)[:, 0]
     return keys.T.contiguous(), h.T.contiguous()

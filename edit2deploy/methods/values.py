@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..arch import head_logits
 from ..checks import continuation
 from ..forward import replay_lower_blocks
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import pad_batch
+from ..scoring import length_buckets, pad_batch
 from .keys import locate_in_template, locate_subject, pad_id
 
 
@@ -43,6 +44,9 @@ class ValueHParams:
     # (AMX / AVX512-BF16: ~15x the fp32 matmul rate here), else float32. z = h + δ is formed with the
     # fp32 h, and keys, statistics and solves are always full precision.
     dtype: str = "auto"
+    # Run each step on the tokens from the subject on, attending to cached keys/values of the tokens before
+    # it (exact; ~3x fewer tokens per step on CounterFact). False: whole rows, lower blocks replayed.
+    prefix_cache: bool = True
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -128,23 +132,6 @@ def build_rows(
     return rows
 
 
-def length_buckets(lengths: Sequence[int], waste: float = 0.15) -> list[list[int]]:
-    """Group indices (longest first) so each group's padded size is ≤ (1 + waste) × its real tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    real = 0
-    for i in order:
-        if buckets:
-            width = lengths[buckets[-1][0]]
-            if width * (len(buckets[-1]) + 1) <= (1 + waste) * (real + lengths[i]):
-                buckets[-1].append(i)
-                real += lengths[i]
-                continue
-        buckets.append([i])
-        real = lengths[i]
-    return buckets
-
-
 def nll_loss(
     tok_logp: torch.Tensor, row_of_tok: torch.Tensor, owner_of_row: torch.Tensor, n: int, n_contexts: int
 ) -> torch.Tensor:
@@ -188,56 +175,117 @@ def clamp_norm_(delta: torch.Tensor, h: torch.Tensor, clamp: float) -> None:
 
 
 class _Batch:
-    """The padded rows and everything the per-step forward needs (z-layer cache included)."""
+    """The padded rows and everything the per-step forward needs.
 
-    def __init__(self, lm: LoadedModel, rows: list[Row], z_layer: int):
+    Nothing before a row's subject depends on δ, and nothing at or below the z layer does either. So one
+    setup pass (no grad) keeps, per row, the keys/values of the tokens before the subject at every layer
+    (the prefix cache) and the z layer's output from the subject on (the suffix). Each optimisation step then
+    runs only the suffix, and only through the blocks above the z layer: about a third of the tokens of the
+    full rows on CounterFact prompts, with the same result (test). `prefix_cache=False` splits every row at 0
+    (the whole row is suffix), which is the plain replay of the lower blocks.
+    """
+
+    def __init__(self, lm: LoadedModel, rows: list[Row], z_layer: int, prefix_cache: bool = True):
         self.lm, self.rows = lm, rows
         self.device = next(lm.model.parameters()).device
-        self.ids, self.mask, self.pos, _ = pad_batch([r.ids for r in rows], pad_id(lm.tokenizer), "right")
-        self.lengths = [len(r.ids) for r in rows]
         self.blocks = [lm.model.get_submodule(lm.arch.block_name(i)) for i in range(z_layer + 1)]
-        self.cache: torch.Tensor | None = None  # z-layer output per row (rows, width, d)
+        self.split = [r.subject_last if prefix_cache else 0 for r in rows]  # first suffix position per row
+        self.suffix_len = [len(r.ids) - s for r, s in zip(rows, self.split)]
         self.returns_tuple = False
+        self.suffix_h: torch.Tensor | None = None  # (rows, S_max, d) z-layer output from the split on
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (rows, heads, P_max, hd)
 
-    def forward(self, sel: list[int], delta: torch.Tensor, h_init: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states of rows `sel` with δ added at each row's subject (padded to their max)."""
-        width = max(self.lengths[i] for i in sel)
-        idx = torch.tensor(sel)
-        ids, mask, pos = (t[idx, :width].to(self.device) for t in (self.ids, self.mask, self.pos))
-        local = torch.arange(len(sel), device=self.device)
-        subj = torch.tensor([self.rows[i].subject_last for i in sel], device=self.device)
-        owner = torch.tensor([self.rows[i].owner for i in sel], device=self.device)
+    def suffix_col(self, i: int, col: int) -> int:
+        """Where position `col` of row i sits in its suffix."""
+        return col - self.split[i]
 
-        def with_delta(h: torch.Tensor) -> torch.Tensor:
-            add = torch.zeros_like(h)
-            add[local, subj] = delta[owner].to(h.dtype)
-            return h + add
+    @torch.no_grad()
+    def prepare(self, h_init: torch.Tensor) -> None:
+        """One full forward of every row: the prefix caches, the suffix z-layer outputs, and h at each
+        bare prompt's subject (h_init, per request)."""
+        lm, rows, dev = self.lm, self.rows, self.device
+        p_max, s_max = max(self.split), max(self.suffix_len)
+        d = lm.model.config.get_text_config().hidden_size
+        self.suffix_h = torch.zeros(len(rows), s_max, d, device=dev)
+        pid = pad_id(lm.tokenizer)
+        for bucket in length_buckets([len(r.ids) for r in rows]):
+            ids, mask, pos, _ = pad_batch([rows[i].ids for i in bucket], pid, "right")
+            captured: dict[str, torch.Tensor] = {}
 
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
-        base = self.lm.model.base_model
-        if self.cache is None or h_init is not None:
-            # First pass: run everything, remember the z-layer output and h at each bare prompt.
-            def capture(_m, _inp, output):
-                h = output[0] if isinstance(output, tuple) else output
+            def capture(_m, _inp, output, captured=captured):
                 self.returns_tuple = isinstance(output, tuple)
-                if self.cache is None:
-                    self.cache = torch.zeros(
-                        len(self.rows), self.ids.shape[1], h.shape[-1], device=self.device
-                    )
-                self.cache[idx.to(self.device), :width] = h.detach()
-                bare = [j for j, i in enumerate(sel) if self.rows[i].is_bare]
-                h_init[owner[bare]] = h[local[bare], subj[bare]].detach()
-                h = with_delta(h)
-                return (h, *output[1:]) if isinstance(output, tuple) else h
+                captured["h"] = (output[0] if self.returns_tuple else output).detach()
 
             handle = self.blocks[-1].register_forward_hook(capture)
             try:
-                return base(**inputs)[0]
+                # Plain cache layers: the model's default keeps only a sliding window's worth on some layers.
+                out = lm.model.base_model(
+                    input_ids=ids.to(dev),
+                    attention_mask=mask.to(dev),
+                    position_ids=pos.to(dev),
+                    cache=DynamicCache() if p_max > 0 else None,
+                    use_cache=p_max > 0,
+                )
             finally:
                 handle.remove()
-        cached = self.cache[idx.to(self.device), :width]
-        with replay_lower_blocks(self.blocks, lambda: with_delta(cached), self.returns_tuple):
-            return base(**inputs)[0]
+            h = captured["h"]
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers] if p_max > 0 else []
+            if p_max > 0 and not self.prefix_kv:
+                self.prefix_kv = [
+                    (
+                        k.new_zeros(len(rows), k.shape[1], p_max, k.shape[3]),
+                        v.new_zeros(len(rows), v.shape[1], p_max, v.shape[3]),
+                    )
+                    for k, v in kv
+                ]
+            for j, i in enumerate(bucket):
+                s, n_s = self.split[i], self.suffix_len[i]
+                self.suffix_h[i, :n_s] = h[j, s : s + n_s]
+                if rows[i].is_bare:
+                    h_init[rows[i].owner] = h[j, rows[i].subject_last]
+                for (k_all, v_all), (k, v) in zip(self.prefix_kv, kv):
+                    # left-padded: the prefix ends where the suffix starts
+                    k_all[i, :, p_max - s :] = k[j, :, :s]
+                    v_all[i, :, p_max - s :] = v[j, :, :s]
+
+    def forward(self, sel: list[int], delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the suffixes of rows `sel` (padded to their longest), with δ added at
+        each row's subject."""
+        rows, dev = self.rows, self.device
+        width = max(self.suffix_len[i] for i in sel)
+        p = max(self.split[i] for i in sel)
+        p_max = max(self.split)
+        ids = torch.full((len(sel), width), pad_id(self.lm.tokenizer), dtype=torch.long)
+        mask = torch.zeros(len(sel), p + width, dtype=torch.long)
+        pos = torch.zeros(len(sel), width, dtype=torch.long)
+        for j, i in enumerate(sel):
+            s, n_s = self.split[i], self.suffix_len[i]
+            ids[j, :n_s] = torch.tensor(rows[i].ids[s:])
+            mask[j, p - s : p + n_s] = 1
+            pos[j] = s + torch.arange(width)
+        idx = torch.tensor(sel, device=dev)
+        local = torch.arange(len(sel), device=dev)
+        subj = torch.tensor([self.suffix_col(i, rows[i].subject_last) for i in sel], device=dev)
+        owner = torch.tensor([rows[i].owner for i in sel], device=dev)
+        top = self.suffix_h[idx, :width]
+
+        def with_delta() -> torch.Tensor:
+            add = torch.zeros_like(top)
+            add[local, subj] = delta[owner].to(top.dtype)
+            return top + add
+
+        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+        if p > 0:
+            # Plain layers everywhere: a sliding-window layer would drop prefix entries when pre-filled; the
+            # model's own masks still apply each layer's window.
+            cache = DynamicCache()
+            for li, (k, v) in enumerate(self.prefix_kv):
+                cache.update(k[idx, :, p_max - p :], v[idx, :, p_max - p :], li)
+            inputs |= {"cache": cache, "use_cache": True}
+        else:
+            inputs["use_cache"] = False
+        with replay_lower_blocks(self.blocks, with_delta, self.returns_tuple):
+            return self.lm.model.base_model(**inputs)[0]
 
 
 def context_margins(
@@ -279,7 +327,7 @@ def optimise_values(
     model = lm.model
     use_margin = hp.margin > 0
     rows = build_rows(lm, requests, templates, with_true=use_margin)
-    batch = _Batch(lm, rows, z_layer)
+    batch = _Batch(lm, rows, z_layer, prefix_cache=hp.prefix_cache)
     device = batch.device
     n = len(requests)
     d = model.config.get_text_config().hidden_size
@@ -293,6 +341,7 @@ def optimise_values(
     converged = [False] * n
     bar = tqdm(total=n, desc="z-optimisation", unit="req", disable=quiet)
     cast = autocast_dtype(hp.dtype, device)
+    batch.prepare(h_init)
 
     for step in range(hp.max_steps + 1):
         sel_all = [i for i, r in enumerate(rows) if active[r.owner]]
@@ -305,10 +354,10 @@ def optimise_values(
             [],
         )  # margin rows' token log-probs; original row of each position
         n_rows = 0
-        for bucket in length_buckets([len(rows[i].ids) for i in sel_all]):
+        for bucket in length_buckets([batch.suffix_len[i] for i in sel_all]):
             sel = [sel_all[j] for j in bucket]
             with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
-                hidden = batch.forward(sel, delta, h_init if step == 0 else None)
+                hidden = batch.forward(sel, delta)
             g_row, g_col, g_tgt, g_true = [], [], [], []
             kl_rows, kl_cols = [], []
             for j, i in enumerate(sel):
@@ -317,11 +366,11 @@ def optimise_values(
                 pos_orig.append(i)
                 if r.is_kl:
                     kl_rows.append(j)
-                    kl_cols.append(r.subject_last)
+                    kl_cols.append(batch.suffix_col(i, r.subject_last))
                     kl_owner.append(r.owner)
                 for c, t in zip(r.target_cols, r.target_ids):
                     g_row.append(j)
-                    g_col.append(c)
+                    g_col.append(batch.suffix_col(i, c))
                     g_tgt.append(t)
                     g_true.append(r.is_true)
                     if r.is_true:

@@ -1,0 +1,70 @@
+"""Solve-side hyperparameters (τ, α, λ, method) on the same target values: how much each costs in ES/PS/NS.
+
+    python benchmarks/solve_sweep.py --n 50 --set tau=0.02 --set tau=0.01 --set tau=0.005 --set alpha=30
+
+The target values z (the expensive part of an edit) do not depend on the solve's hyperparameters, so they
+are optimised once for the first N CounterFact val cases (one batch, default method); then each variant
+solves, spreads and applies ΔW from the same unedited weights and is scored. A single batch: sequential
+effects (previous keys) are not in it — `counterfact.py` measures those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+
+from edit2deploy.config import edit_config_from
+from edit2deploy.editing import prepare_editor
+from edit2deploy.methods import EditConfig
+from edit2deploy.methods.editor import Editor
+from edit2deploy.models import open_model
+from edit2deploy.requests import load_requests
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--split", default="val", choices=["val", "train", "edit"])
+    ap.add_argument("--layers", default="4-8")
+    ap.add_argument("--n-tokens", type=int, default=100_000)
+    ap.add_argument("--set", action="append", default=[], help="one variant: key=value[,key=value...]")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    requests = load_requests(COUNTERFACT / f"counterfact-{args.split}.json", limit=args.n, offset=args.offset)
+    print(f"machine: {machine()}\n{len(requests)} {args.split} cases, one batch, layers {args.layers}")
+    lm = open_model("smollm2-135m")
+    unedited = rates_of(lm, requests)
+    base = edit_config_from({"layers": args.layers}, "--set")
+    editor, ledger, _ = prepare_editor(lm, base, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
+    t = time.perf_counter()
+    values = editor.optimise(requests)
+    z_s = time.perf_counter() - t
+    print(f"target values: {z_s:.0f} s, mean steps {sum(values.steps) / len(values.steps):.1f}")
+    w0 = editor.weights()
+    rows = [["unedited", "-", f"{unedited['ES']:.0f}", f"{unedited['PS']:.0f}", f"{unedited['NS']:.0f}", "-"]]
+    results = []
+    for spec in ["default", *args.set]:
+        kv = {} if spec == "default" else dict(x.split("=", 1) for x in spec.split(","))
+        over = {k: type(getattr(EditConfig(), k))(v) for k, v in kv.items()}
+        cfg = edit_config_from({**over, "layers": args.layers}, "--set")
+        ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
+        timings: dict[str, float] = {}
+        deltas, _ = ed.solve(requests, values.delta, timings)
+        q = rates_of(lm, requests)
+        editor.restore(w0)
+        norms = " / ".join(f"{float(d.double().norm()):.1f}" for d in deltas.values())
+        results.append({"variant": spec, "config": dataclasses.asdict(cfg), **q, "delta_fro": norms})
+        rows.append([spec, cfg.method, f"{q['ES']:.0f}", f"{q['PS']:.0f}", f"{q['NS']:.0f}", norms])
+        print(f"  {spec}: ES {q['ES']:.0f} PS {q['PS']:.0f} NS {q['NS']:.0f}", flush=True)
+    print()
+    print_table(["variant", "method", "ES", "PS", "NS", "‖ΔW‖_F per layer"], rows)
+    write_json(args.json, {"args": vars(args), "unedited": unedited, "z_seconds": z_s, "results": results})
+
+
+if __name__ == "__main__":
+    main()
