@@ -15,6 +15,7 @@ import time
 
 import torch
 from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+from reference_procedure import reference_values
 
 from edit2deploy.config import parse_layers
 from edit2deploy.editing import apply_requests, prepare_editor
@@ -30,7 +31,11 @@ def main() -> None:
     ap.add_argument("--layers", default="4-8")
     ap.add_argument("--method", default="default")
     ap.add_argument("--n-tokens", type=int, default=100_000)
-    ap.add_argument("--variants", default="batched,one-at-a-time", help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, no-mpes")
+    ap.add_argument(
+        "--variants",
+        default="batched,one-at-a-time",
+        help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, no-mpes, reference-procedure",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -45,8 +50,11 @@ def main() -> None:
         "one-at-a-time-whole-rows": dataclasses.replace(
             base, values=dataclasses.replace(base.values, group=1, prefix_cache=False)
         ),
-        "batched-whole-rows": dataclasses.replace(base, values=dataclasses.replace(base.values, prefix_cache=False)),
+        "batched-whole-rows": dataclasses.replace(
+            base, values=dataclasses.replace(base.values, prefix_cache=False)
+        ),
         "no-mpes": dataclasses.replace(base, method="alphaedit"),
+        "reference-procedure": base,  # the reference code's z-optimisation, see reference_procedure.py
     }
     print(f"machine: {machine()}")
     results = []
@@ -54,6 +62,11 @@ def main() -> None:
         cfg = variants[name]
         lm = open_model("smollm2-135m", device=args.device)  # fresh, unedited
         editor, ledger, stats_s = prepare_editor(lm, cfg, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
+        if name == "reference-procedure":
+            ed = editor
+            editor.optimise = lambda reqs, ed=ed: reference_values(
+                ed.lm, reqs, ed.templates, ed.layers[-1], ed.cfg.values
+            )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -62,21 +75,60 @@ def main() -> None:
         phases = {k: sum(b["timings"][k] for b in run.batches) for k in ("keys", "z", "solve")}
         steps = [s for b in run.batches for s in b["steps"]]
         q = rates_of(lm, requests)
-        results.append({"variant": name, "edits": len(requests), "seconds": total, "s_per_edit": total / len(requests),
-                        "edits_per_s": len(requests) / total, "phases": phases, "stats_seconds": stats_s,
-                        "mean_steps": sum(steps) / len(steps), **q})
+        results.append(
+            {
+                "variant": name,
+                "edits": len(requests),
+                "seconds": total,
+                "s_per_edit": total / len(requests),
+                "edits_per_s": len(requests) / total,
+                "phases": phases,
+                "stats_seconds": stats_s,
+                "mean_steps": sum(steps) / len(steps),
+                **q,
+            }
+        )
         print(f"  {name}: {total:.1f} s", flush=True)
     print()
     print_table(
-        ["variant", "edits", "s/edit", "edits/s", "keys s", "z s", "solve s", "mean z steps", "ES", "PS", "NS"],
-        [[r["variant"], r["edits"], f"{r['s_per_edit']:.2f}", f"{r['edits_per_s']:.3f}", f"{r['phases']['keys']:.1f}",
-          f"{r['phases']['z']:.1f}", f"{r['phases']['solve']:.1f}", f"{r['mean_steps']:.1f}", f"{r['ES']:.0f}",
-          f"{r['PS']:.0f}", f"{r['NS']:.0f}"] for r in results],
+        [
+            "variant",
+            "edits",
+            "s/edit",
+            "edits/s",
+            "keys s",
+            "z s",
+            "solve s",
+            "mean z steps",
+            "ES",
+            "PS",
+            "NS",
+        ],
+        [
+            [
+                r["variant"],
+                r["edits"],
+                f"{r['s_per_edit']:.2f}",
+                f"{r['edits_per_s']:.3f}",
+                f"{r['phases']['keys']:.1f}",
+                f"{r['phases']['z']:.1f}",
+                f"{r['phases']['solve']:.1f}",
+                f"{r['mean_steps']:.1f}",
+                f"{r['ES']:.0f}",
+                f"{r['PS']:.0f}",
+                f"{r['NS']:.0f}",
+            ]
+            for r in results
+        ],
     )
     if len(results) >= 2 and results[0]["variant"] == "batched":
         for r in results[1:]:
-            print(f"batched is {results[0]['edits_per_s'] / r['edits_per_s']:.1f}x the edits/s of {r['variant']}")
-    write_json(args.json, {"results": results, "n": args.n, "batch_size": args.batch_size, "layers": args.layers})
+            print(
+                f"batched is {results[0]['edits_per_s'] / r['edits_per_s']:.1f}x the edits/s of {r['variant']}"
+            )
+    write_json(
+        args.json, {"results": results, "n": args.n, "batch_size": args.batch_size, "layers": args.layers}
+    )
 
 
 if __name__ == "__main__":

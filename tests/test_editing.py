@@ -14,7 +14,13 @@ from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
 
 from edit2deploy.errors import NonFiniteUpdateError, UsageError
 from edit2deploy.methods import METHODS, EditConfig, Editor
-from edit2deploy.methods.keys import context_templates, keys_and_outputs, locate_in_template, locate_subject
+from edit2deploy.methods.keys import (
+    KeyPasses,
+    context_templates,
+    keys_and_outputs,
+    locate_in_template,
+    locate_subject,
+)
 from edit2deploy.methods.solves import (
     alphaedit_update,
     encore_update,
@@ -326,7 +332,7 @@ def _target_logprob(lm, req: EditRequest, z_layer: int, delta: torch.Tensor | No
 def test_bf16_autocast_values_close_to_float32(tiny_llama):
     """bf16 autocast (the default on CPUs with native bf16) finds nearly the float32 δ."""
     templates = context_templates(PREFIXES)
-    base = dict(lr=0.05, max_steps=3, mpes=False, loss_stop=0.0)
+    base = {"lr": 0.05, "max_steps": 3, "mpes": False, "loss_stop": 0.0}
     f32 = _z(tiny_llama, REQUESTS, templates, ValueHParams(**base, dtype="float32"))
     bf16 = _z(tiny_llama, REQUESTS, templates, ValueHParams(**base, dtype="bfloat16"))
     rel = (f32.delta - bf16.delta).norm() / f32.delta.norm()
@@ -370,6 +376,25 @@ def test_prefix_cache_steps_equal_whole_rows(tiny_model_dir, family, z_layer):
     assert cached.steps == whole.steps and cached.converged == whole.converged
     assert cached.delta.abs().max() > 1e-3
     assert torch.allclose(cached.z, whole.z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_key_passes_resume_where_the_last_update_was(tiny_model_dir, family):
+    """Each key pass of a spread resumes at the block the previous layer's update first changed: after an
+    update there, its keys and z-layer outputs equal a fresh pass from the embeddings."""
+    lm = open_model(tiny_model_dir(family, layers=4))
+    templates = context_templates(PREFIXES)
+    passes = KeyPasses(lm, REQUESTS, templates, z_layer=3)
+    gen = torch.Generator().manual_seed(0)
+    for li in (1, 2, 3):
+        K, h = passes(li)
+        K0, h0 = keys_and_outputs(lm, REQUESTS, templates, li, 3)
+        assert torch.allclose(K, K0, atol=1e-6) and torch.allclose(h, h0, atol=1e-6), li
+        W = lm.arch.get_weight(lm.model, li)
+        with torch.no_grad():
+            W.add_(0.5 * torch.randn(W.shape, generator=gen) * W.std())
+    with pytest.raises(ValueError, match="ascending"):
+        passes(1)
 
 
 def _easy_request(lm) -> EditRequest:

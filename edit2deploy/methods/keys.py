@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward import StopForward, run_until_stop
+from ..forward import StopForward, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -86,54 +86,98 @@ def pad_id(tokenizer) -> int:
     return pid if pid is not None else 0
 
 
-@torch.no_grad()
+class KeyPasses:
+    """Keys for each layer of a spread (DESIGN.md step 4), one forward pass per layer.
+
+    The spread updates one layer between passes, and an update at layer l changes nothing below block l.
+    So each pass caches the input of the block it edits next, and the next pass resumes there instead of
+    running from the embeddings. Rows end at the subject's last token (causal attention: nothing after it
+    affects k or h there) and every pass stops at the z layer.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], z_layer: int
+    ):
+        self.lm, self.n_req, self.n_t, self.z_layer = lm, len(requests), len(templates), z_layer
+        self.device = next(lm.model.parameters()).device
+        self.located = [locate_in_template(lm.tokenizer, t, r) for r in requests for t in templates]
+        self.buckets = length_buckets([x.subject_last + 1 for x in self.located])
+        self.resume_block: int | None = None  # block whose cached input the next pass starts from
+        self.resume_h: list[torch.Tensor] = []  # per bucket: that block's input hidden states
+        self.returns_tuple = False
+
+    def _blocks(self, upto: int) -> list[torch.nn.Module]:
+        return [self.lm.model.get_submodule(self.lm.arch.block_name(i)) for i in range(upto)]
+
+    @torch.no_grad()
+    def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the z-layer block output (d, n) at the
+        subject's last token of the bare prompt, on the model as it is now."""
+        lm, model, arch, dev = self.lm, self.lm.model, self.lm.arch, self.device
+        if self.resume_block is not None and layer < self.resume_block:
+            raise ValueError(f"layers must be visited in ascending order ({layer} after {self.resume_block})")
+        d_in = arch.to_out_in(arch.get_weight(model, layer)).shape[1]
+        k_all = torch.zeros(len(self.located), d_in, dtype=torch.float64, device=dev)
+        h_all = torch.zeros(
+            len(self.located), model.config.get_text_config().hidden_size, dtype=torch.float64, device=dev
+        )
+        next_h: list[torch.Tensor] = []
+        for b, bucket in enumerate(self.buckets):
+            part = [self.located[i] for i in bucket]
+            ids, mask, pos, offsets = pad_batch(
+                [x.ids[: x.subject_last + 1] for x in part], pad_id(lm.tokenizer), "right"
+            )
+            rows = torch.arange(len(part))
+            cols = torch.tensor([o + x.subject_last for o, x in zip(offsets, part)])
+            captured: dict[str, torch.Tensor] = {}
+
+            def block_in(_m, args, kwargs, captured=captured):
+                captured["in"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            def key_hook(_m, inputs, rows=rows, cols=cols, captured=captured):
+                captured["k"] = inputs[0][rows, cols].double()
+
+            def out_hook(_m, _inputs, output, rows=rows, cols=cols, captured=captured):
+                self.returns_tuple = isinstance(output, tuple)
+                h = output[0] if self.returns_tuple else output
+                captured["h"] = h[rows, cols].double()
+                raise StopForward
+
+            handles = [
+                model.get_submodule(arch.block_name(layer)).register_forward_pre_hook(
+                    block_in, with_kwargs=True
+                ),
+                model.get_submodule(arch.mlp_out_name(layer)).register_forward_pre_hook(key_hook),
+                model.get_submodule(arch.block_name(self.z_layer)).register_forward_hook(out_hook),
+            ]
+            inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+            try:
+                if (
+                    self.resume_block
+                ):  # blocks below it are unchanged since the last pass: replay their output
+                    cached = self.resume_h[b]
+                    with replay_lower_blocks(
+                        self._blocks(self.resume_block), lambda c=cached: c, self.returns_tuple
+                    ):
+                        run_until_stop(model.base_model, **inputs)
+                else:
+                    run_until_stop(model.base_model, **inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            k_all[bucket] = captured["k"]
+            h_all[bucket] = captured["h"]
+            next_h.append(captured["in"])
+        self.resume_block, self.resume_h = layer, next_h
+        k = k_all.reshape(self.n_req, self.n_t, -1)
+        keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if self.n_t > 1 else k[:, 0]
+        h = h_all.reshape(self.n_req, self.n_t, -1)[:, 0]
+        return keys.T.contiguous(), h.T.contiguous()
+
+
 def keys_and_outputs(
     lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], layer: int, z_layer: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the block output at `z_layer` (d, n)
-    at the subject's last token of the bare prompt. A padded forward pass per length bucket."""
-    tok, model, arch = lm.tokenizer, lm.model, lm.arch
-    device = next(model.parameters()).device
-    located = [locate_in_template(tok, t, r) for r in requests for t in templates]
-    d_in = arch.to_out_in(arch.get_weight(model, layer)).shape[1]
-    d = model.config.get_text_config().hidden_size
-    k_all = torch.zeros(len(located), d_in, dtype=torch.float64, device=device)
-    h_all = torch.zeros(len(located), d, dtype=torch.float64, device=device)
-    # Causal attention: nothing after the subject's last token affects k or h there, so rows end at it.
-    for bucket in length_buckets([x.subject_last + 1 for x in located]):
-        part = [located[i] for i in bucket]
-        ids, mask, pos, offsets = pad_batch([x.ids[: x.subject_last + 1] for x in part], pad_id(tok), "right")
-        rows = torch.arange(len(part))
-        cols = torch.tensor([o + x.subject_last for o, x in zip(offsets, part)])
-        captured: dict[str, torch.Tensor] = {}
-
-        def key_hook(_m, inputs, rows=rows, cols=cols, captured=captured):
-            captured["k"] = inputs[0][rows, cols].double()
-
-        def out_hook(_m, _inputs, output, rows=rows, cols=cols, captured=captured):
-            h = output[0] if isinstance(output, tuple) else output
-            captured["h"] = h[rows, cols].double()
-            raise StopForward
-
-        handles = [
-            model.get_submodule(arch.mlp_out_name(layer)).register_forward_pre_hook(key_hook),
-            model.get_submodule(arch.block_name(z_layer)).register_forward_hook(out_hook),
-        ]
-        try:
-            # Nothing above the z layer matters here: stop the forward pass there.
-            run_until_stop(
-                model.base_model,
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=pos.to(device),
-            )
-        finally:
-            for h in handles:
-                h.remove()
-        k_all[bucket] = captured["k"]
-        h_all[bucket] = captured["h"]
-    n_t = len(templates)
-    k = k_all.reshape(len(requests), n_t, -1)
-    keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if n_t > 1 else k[:, 0]
-    h = h_all.reshape(len(requests), n_t, -1)[:, 0]
-    return keys.T.contiguous(), h.T.contiguous()
+    at the subject's last token of the bare prompt (a fresh pass from the embeddings)."""
+    return KeyPasses(lm, requests, templates, z_layer)(layer)

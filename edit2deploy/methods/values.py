@@ -128,7 +128,8 @@ def build_rows(
                     )
                 )
         loc = locate_subject(tok, f"{r.subject} is a", 0, len(r.subject))
-        rows.append(Row(ri, loc.ids, loc.subject_last, [], [], True, False))
+        # The KL term reads the subject's last position (as ROME); causal attention makes later tokens moot.
+        rows.append(Row(ri, loc.ids[: loc.subject_last + 1], loc.subject_last, [], [], True, False))
     return rows
 
 
