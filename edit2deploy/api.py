@@ -87,7 +87,6 @@ def verify(
     from .ledger import Ledger
     from .models import open_model, resolve_model_dir
     from .pipeline import gates_for, paired_baseline, split_gates
-    from .requests import EditRequest
     from .scoring import TorchScorer
     from .verify import verify as _verify
 
@@ -110,11 +109,7 @@ def verify(
             raise UsageError(
                 f"verify: edits= is required ({model} has no edit ledger to take the requests from)"
             )
-        requests = [
-            EditRequest.from_json(q)
-            for b in ledger.active_batches
-            for q in ledger.batch_record(b)["requests"]
-        ]
+        requests = ledger.active_requests()
     else:
         requests = _requests(edits)
     extra = _requests(preserved) if preserved else []

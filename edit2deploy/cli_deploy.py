@@ -152,7 +152,7 @@ def baseline_path(artifact, base_fingerprint: str) -> Path:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .ledger import Ledger
     from .models import open_model, resolve_model_dir
-    from .requests import EditRequest, load_requests
+    from .requests import load_requests
     from .scoring import TorchScorer
     from .verify import Gates, verify
 
@@ -179,11 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--edits is required: {args.model} has no edit ledger to take the requests from"
             )
-        requests = [
-            EditRequest.from_json(q)
-            for b in ledger.active_batches
-            for q in ledger.batch_record(b)["requests"]
-        ]
+        requests = ledger.active_requests()
     base_ref = baseline = None
     if ledger is not None:
         base_lm = open_model(ledger.state["base_model"])

@@ -99,14 +99,9 @@ def build_scheme(spec: SchemeSpec, model_dir: Path, patch_base: Path | None = No
 def ledger_requests(model_dir: Path):
     """The requests of the active batches of an edited model (None when it has no ledger)."""
     from .ledger import Ledger
-    from .requests import EditRequest
 
     ledger = Ledger.load(model_dir)
-    if ledger is None:
-        return None
-    return [
-        EditRequest.from_json(q) for b in ledger.active_batches for q in ledger.batch_record(b)["requests"]
-    ]
+    return None if ledger is None else ledger.active_requests()
 
 
 # ---------------------------------------------------------------- CLI

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
 from .errors import UsageError
+from .requests import EditRequest
 
 LEDGER_DIR = "edit2deploy"
 STATE_FILE = "state.json"
@@ -100,6 +101,12 @@ class Ledger:
     @property
     def active_batches(self) -> list[str]:
         return list(self.state["batches"])
+
+    def active_requests(self) -> list[EditRequest]:
+        """The requests of the active batches, in the order they were applied."""
+        return [
+            EditRequest.from_json(q) for b in self.active_batches for q in self.batch_record(b)["requests"]
+        ]
 
     def batch_record(self, batch_id: str) -> dict:
         for r in self.records:
