@@ -6,12 +6,28 @@ import json
 import platform
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 COUNTERFACT = DATA / "counterfact"
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def overrides_of(pairs: list[str]) -> dict:
+    """`key=value` overrides; values read as TOML scalars (`tau=0.01`, `mpes=false`, `method="memit"` or
+    a bare word), checked later by `edit_config_from`."""
+    out = {}
+    for kv in pairs:
+        key, sep, text = kv.partition("=")
+        if not sep:
+            sys.exit(f"--set {kv!r}: expected key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = text
+    return out
 
 
 def machine() -> str:
@@ -41,8 +57,12 @@ def print_table(headers, rows) -> None:
 
 
 def write_json(path: str | None, doc: dict) -> None:
-    doc = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "machine": machine(),
-           "date": time.strftime("%Y-%m-%d %H:%M"), **doc}
+    doc = {
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **doc,
+    }
     if path:
         Path(path).write_text(json.dumps(doc, indent=1))
         print(f"wrote {path}")

@@ -19,10 +19,9 @@ import time
 from collections import Counter
 
 import torch
-from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+from _common import COUNTERFACT, WIKITEXT, machine, overrides_of, print_table, rates_of, write_json
 
 from edit2deploy.editing import apply_requests, prepare_editor
-from edit2deploy.methods import EditConfig
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
 
@@ -90,11 +89,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--methods", default="default")
     ap.add_argument("--layers", default="4-8")
-    ap.add_argument("--n-tokens", type=int, default=100_000, help="statistics tokens (WikiText-2 test, from the start)")
+    ap.add_argument(
+        "--n-tokens", type=int, default=100_000, help="statistics tokens (WikiText-2 test, from the start)"
+    )
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every K batches (0: only at the end)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--fluency-n", type=int, default=50, help="prompts for the fluency metric (0: skip)")
-    ap.add_argument("--set", action="append", default=[], help="hyperparameter override key=value (e.g. alpha=20)")
+    ap.add_argument(
+        "--set", action="append", default=[], help="hyperparameter override key=value (e.g. alpha=20)"
+    )
     ap.add_argument("--quick", action="store_true", help="20 edits in 2 batches, default method, small eval")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
@@ -104,18 +107,30 @@ def main() -> None:
         args.n_tokens = min(args.n_tokens, 20_000)
 
     requests = load_requests(COUNTERFACT / f"counterfact-{args.split}.json", limit=args.n, offset=args.offset)
-    print(f"machine: {machine()}\n{len(requests)} {args.split} cases, batch {args.batch_size}, layers {args.layers}")
+    print(
+        f"machine: {machine()}\n{len(requests)} {args.split} cases, batch {args.batch_size}, layers {args.layers}"
+    )
     from edit2deploy.config import edit_config_from
 
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = type(getattr(EditConfig(), k, getattr(EditConfig().values, k, "")))(v)
+    overrides = overrides_of(args.set)
     lm = open_model("smollm2-135m", device=args.device)
     ppl_ids = tail_ids(lm, args.ppl_tokens)
     unedited = evaluate(lm, requests, ppl_ids, args.fluency_n)
-    rows = [["unedited", "-", f"{unedited['ES']:.1f}", f"{unedited['PS']:.1f}", f"{unedited['NS']:.1f}",
-             f"{unedited['S']:.1f}", f"{unedited.get('fluency', 0):.2f}", f"{unedited['ppl']:.2f}", "-", "-", "-"]]
+    rows = [
+        [
+            "unedited",
+            "-",
+            f"{unedited['ES']:.1f}",
+            f"{unedited['PS']:.1f}",
+            f"{unedited['NS']:.1f}",
+            f"{unedited['S']:.1f}",
+            f"{unedited.get('fluency', 0):.2f}",
+            f"{unedited['ppl']:.2f}",
+            "-",
+            "-",
+            "-",
+        ]
+    ]
     results = {"unedited": unedited, "methods": {}}
     for method in args.methods.split(","):
         cfg = edit_config_from({**overrides, "method": method, "layers": args.layers}, "--set")
@@ -126,7 +141,9 @@ def main() -> None:
         edit_s = 0.0
         for b in range(0, len(requests), args.batch_size):
             t = time.perf_counter()
-            run = apply_requests(editor, ledger, requests[b : b + args.batch_size], args.batch_size, quiet=True)
+            run = apply_requests(
+                editor, ledger, requests[b : b + args.batch_size], args.batch_size, quiet=True
+            )
             edit_s += time.perf_counter() - t
             if run.failed:
                 print(f"  {method}: batch failed: {run.failed['error']}")
@@ -139,17 +156,34 @@ def main() -> None:
                 q["edits"] = len(done)
                 q["norms"] = {r["layer"]: r["fro_from_original"] for r in run.batches[-1]["tensors"].values()}
                 curve.append(q)
-                print(f"  {method} @ {len(done)} edits: ES {q['ES']:.1f} PS {q['PS']:.1f} NS {q['NS']:.1f} "
-                      f"ppl {q['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"  {method} @ {len(done)} edits: ES {q['ES']:.1f} PS {q['PS']:.1f} NS {q['NS']:.1f} "
+                    f"ppl {q['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
         final = curve[-1]
         results["methods"][method] = {"curve": curve, "edit_seconds": edit_s, "stats_seconds": stats_s}
         norms = " ".join(f"{v:.1f}" for v in final["norms"].values())
-        rows.append([method, final["edits"], f"{final['ES']:.1f}", f"{final['PS']:.1f}", f"{final['NS']:.1f}",
-                     f"{final['S']:.1f}", f"{final.get('fluency', 0):.2f}", f"{final['ppl']:.2f}",
-                     f"{(final['ppl'] / unedited['ppl'] - 1) * 100:+.1f}%", f"{edit_s / final['edits']:.2f}", norms])
+        rows.append(
+            [
+                method,
+                final["edits"],
+                f"{final['ES']:.1f}",
+                f"{final['PS']:.1f}",
+                f"{final['NS']:.1f}",
+                f"{final['S']:.1f}",
+                f"{final.get('fluency', 0):.2f}",
+                f"{final['ppl']:.2f}",
+                f"{(final['ppl'] / unedited['ppl'] - 1) * 100:+.1f}%",
+                f"{edit_s / final['edits']:.2f}",
+                norms,
+            ]
+        )
     print()
-    print_table(["method", "edits", "ES", "PS", "NS", "S", "fluency", "ppl", "Δppl", "s/edit", "‖W−W0‖_F per layer"],
-                rows)
+    print_table(
+        ["method", "edits", "ES", "PS", "NS", "S", "fluency", "ppl", "Δppl", "s/edit", "‖W−W0‖_F per layer"],
+        rows,
+    )
     write_json(args.json, {"args": vars(args), **results})
 
 

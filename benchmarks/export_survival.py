@@ -62,22 +62,56 @@ def main() -> None:
         art = ex.export(model_dir, out, quant, protect, **kwargs)
         export_s = time.perf_counter() - t
         bpath = baseline_path(art, ledger.state["base_fingerprint"])
-        barts = ex.load(bpath) if bpath.exists() else ex.paired_baseline(art, resolve_model_dir("smollm2-135m"), bpath)
+        barts = (
+            ex.load(bpath)
+            if bpath.exists()
+            else ex.paired_baseline(art, resolve_model_dir("smollm2-135m"), bpath)
+        )
         res = verify(requests, ref, ex.scorer(art), base_ref, ex.scorer(barts), gates=Gates())
         r = res.rates
-        results.append({"variant": variant, "export_seconds": export_s, "size_bytes": art.size_bytes,
-                        "edited_types": art.edited_types, **res.to_json()})
-        rows.append([variant, f"{export_s:.1f}", f"{art.size_bytes / 2**20:.0f}",
-                     ",".join(sorted(set(art.edited_types.values()))) or "-",
-                     f"{100 * res.survival['all']:.1f}", f"{100 * res.survival['edited']:.1f}",
-                     f"{r['artifact']['edit']:.0f}/{r['artifact']['paraphrase']:.0f}/{r['artifact']['neighborhood']:.0f}",
-                     f"{r['baseline']['neighborhood']:.0f}", f"{100 * res.baseline_agreement:.1f}",
-                     "pass" if res.passed else "FAIL"])
+        results.append(
+            {
+                "variant": variant,
+                "export_seconds": export_s,
+                "size_bytes": art.size_bytes,
+                "edited_types": art.edited_types,
+                **res.to_json(),
+            }
+        )
+        rows.append(
+            [
+                variant,
+                f"{export_s:.1f}",
+                f"{art.size_bytes / 2**20:.0f}",
+                ",".join(sorted(set(art.edited_types.values()))) or "-",
+                f"{100 * res.survival['all']:.1f}",
+                f"{100 * res.survival['edited']:.1f}",
+                f"{r['artifact']['edit']:.0f}/{r['artifact']['paraphrase']:.0f}/{r['artifact']['neighborhood']:.0f}",
+                f"{r['baseline']['neighborhood']:.0f}",
+                f"{100 * res.baseline_agreement:.1f}",
+                "pass" if res.passed else "FAIL",
+            ]
+        )
         print(f"  {variant}: survival {100 * res.survival['all']:.1f}%", flush=True)
     fp = results[0]["rates"]["fp32"] if results else {}
-    print(f"\nfp32 edited: ES/PS/NS {fp.get('edit', 0):.0f}/{fp.get('paraphrase', 0):.0f}/{fp.get('neighborhood', 0):.0f}")
-    print_table(["variant", "export s", "MiB", "edited types", "survival %", "edited surv %", "ES/PS/NS artifact",
-                 "NS paired baseline", "baseline agreement %", "gates"], rows)
+    print(
+        f"\nfp32 edited: ES/PS/NS {fp.get('edit', 0):.0f}/{fp.get('paraphrase', 0):.0f}/{fp.get('neighborhood', 0):.0f}"
+    )
+    print_table(
+        [
+            "variant",
+            "export s",
+            "MiB",
+            "edited types",
+            "survival %",
+            "edited surv %",
+            "ES/PS/NS artifact",
+            "NS paired baseline",
+            "baseline agreement %",
+            "gates",
+        ],
+        rows,
+    )
     write_json(args.json, {"n": args.n, "results": results})
 
 

@@ -14,11 +14,10 @@ import argparse
 import dataclasses
 import time
 
-from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+from _common import COUNTERFACT, WIKITEXT, machine, overrides_of, print_table, rates_of, write_json
 
 from edit2deploy.config import edit_config_from
 from edit2deploy.editing import prepare_editor
-from edit2deploy.methods import EditConfig
 from edit2deploy.methods.editor import Editor
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
@@ -49,8 +48,7 @@ def main() -> None:
     rows = [["unedited", "-", f"{unedited['ES']:.0f}", f"{unedited['PS']:.0f}", f"{unedited['NS']:.0f}", "-"]]
     results = []
     for spec in ["default", *args.set]:
-        kv = {} if spec == "default" else dict(x.split("=", 1) for x in spec.split(","))
-        over = {k: type(getattr(EditConfig(), k))(v) for k, v in kv.items()}
+        over = {} if spec == "default" else overrides_of(spec.split(","))
         cfg = edit_config_from({**over, "layers": args.layers}, "--set")
         ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
         timings: dict[str, float] = {}

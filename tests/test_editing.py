@@ -14,6 +14,7 @@ from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
 
 from edit2deploy.errors import NonFiniteUpdateError, UsageError
 from edit2deploy.methods import METHODS, EditConfig, Editor
+from edit2deploy.methods import values as values_mod
 from edit2deploy.methods.keys import (
     KeyPasses,
     context_templates,
@@ -440,6 +441,26 @@ def test_mpes_stops_each_request_on_its_own_and_freezes_it(tiny_llama):
     res0 = _z(tiny_llama, [easy], templates, dataclasses.replace(hp, mpes_extra=0))
     assert res0.steps == [0] and res0.converged == [True]
     assert torch.allclose(res0.z, h, atol=1e-6)
+
+
+def test_a_finished_request_runs_no_forward_after_its_last_step(tiny_llama, monkeypatch):
+    """Once its `mpes_extra` steps are used up a request is done whatever the next forward says, so it is not
+    in that forward: forwards per request = steps, plus the final one for requests that hit max_steps."""
+    templates = context_templates([])
+    easy = _easy_request(tiny_llama)
+    seen: list[int] = []  # the owner of every row of every forward
+    forward = values_mod._Batch.forward
+
+    def counting(self, sel, delta):
+        seen.extend(self.rows[i].owner for i in sel)
+        return forward(self, sel, delta)
+
+    monkeypatch.setattr(values_mod._Batch, "forward", counting)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, mpes_extra=1, dtype="float32")
+    res = _z(tiny_llama, [easy, REQUESTS[1]], templates, hp)
+    assert res.steps == [1, 4] and res.converged[0]
+    rows_each = 2  # the bare prompt and the KL prompt
+    assert [seen.count(o) / rows_each for o in (0, 1)] == [1, 5]
 
 
 # ================================================================ Editor: solve wiring, null space, atomicity
