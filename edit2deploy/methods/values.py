@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ..arch import head_logits
 from ..checks import continuation
-from ..forward import replay_lower_blocks
+from ..forward import StopForward, replay_lower_blocks
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -181,9 +181,10 @@ def clamp_norm_(delta: torch.Tensor, h: torch.Tensor, clamp: float) -> None:
 class _Batch:
     """The padded rows and everything the per-step forward needs.
 
-    Nothing before a row's subject depends on δ, and nothing at or below the z layer does either. So one
-    setup pass (no grad) keeps, per row, the keys/values of the tokens before the subject at every layer
-    (the prefix cache) and the z layer's output from the subject on (the suffix). Each optimisation step then
+    Nothing before a row's subject depends on δ, and nothing at or below the z layer does either. So a
+    setup (no grad) keeps, per row, the keys/values of the tokens before the subject at every layer (the
+    prefix cache: those tokens through the whole model) and the z layer's output from the subject on (the
+    suffix: those tokens through the blocks up to the z layer only). Each optimisation step then
     runs only the suffix, and only through the blocks above the z layer: about a third of the tokens of the
     full rows on CounterFact prompts, with the same result (test). `prefix_cache=False` splits every row at 0
     (the whole row is suffix), which is the plain replay of the lower blocks.
@@ -205,36 +206,28 @@ class _Batch:
 
     @torch.no_grad()
     def prepare(self, h_init: torch.Tensor) -> None:
-        """One full forward of every row: the prefix caches, the suffix z-layer outputs, and h at each
-        bare prompt's subject (h_init, per request)."""
+        """The prefix caches (the tokens before each split, through every layer), the suffix z-layer outputs
+        (the tokens from the split on, through the blocks up to the z layer only) and h at each bare
+        prompt's subject (h_init, per request)."""
         lm, rows, dev = self.lm, self.rows, self.device
         p_max, s_max = max(self.split), max(self.suffix_len)
         d = lm.model.config.get_text_config().hidden_size
         self.suffix_h = torch.zeros(len(rows), s_max, d, device=dev)
         pid = pad_id(lm.tokenizer)
-        for bucket in length_buckets([len(r.ids) for r in rows]):
-            ids, mask, pos, _ = pad_batch([rows[i].ids for i in bucket], pid, "right")
-            captured: dict[str, torch.Tensor] = {}
-
-            def capture(_m, _inp, output, captured=captured):
-                self.returns_tuple = isinstance(output, tuple)
-                captured["h"] = (output[0] if self.returns_tuple else output).detach()
-
-            handle = self.blocks[-1].register_forward_hook(capture)
-            try:
-                # Plain cache layers: the model's default keeps only a sliding window's worth on some layers.
-                out = lm.model.base_model(
-                    input_ids=ids.to(dev),
-                    attention_mask=mask.to(dev),
-                    position_ids=pos.to(dev),
-                    cache=DynamicCache() if p_max > 0 else None,
-                    use_cache=p_max > 0,
-                )
-            finally:
-                handle.remove()
-            h = captured["h"]
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers] if p_max > 0 else []
-            if p_max > 0 and not self.prefix_kv:
+        with_prefix = [i for i in range(len(rows)) if self.split[i] > 0]
+        for bucket in length_buckets([self.split[i] for i in with_prefix]):
+            sel = [with_prefix[j] for j in bucket]
+            ids, mask, pos, _ = pad_batch([rows[i].ids[: self.split[i]] for i in sel], pid, "right")
+            # Plain cache layers: the model's default keeps only a sliding window's worth on some layers.
+            out = lm.model.base_model(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                cache=DynamicCache(),
+                use_cache=True,
+            )
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            if not self.prefix_kv:
                 self.prefix_kv = [
                     (
                         k.new_zeros(len(rows), k.shape[1], p_max, k.shape[3]),
@@ -242,19 +235,39 @@ class _Batch:
                     )
                     for k, v in kv
                 ]
-            for j, i in enumerate(bucket):
-                s, n_s = self.split[i], self.suffix_len[i]
-                self.suffix_h[i, :n_s] = h[j, s : s + n_s]
-                if rows[i].is_bare:
-                    h_init[rows[i].owner] = h[j, rows[i].subject_last]
+            for j, i in enumerate(sel):
+                s = self.split[i]
                 for (k_all, v_all), (k, v) in zip(self.prefix_kv, kv):
                     # left-padded: the prefix ends where the suffix starts
                     k_all[i, :, p_max - s :] = k[j, :, :s]
                     v_all[i, :, p_max - s :] = v[j, :, :s]
 
-    def forward(self, sel: list[int], delta: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the suffixes of rows `sel` (padded to their longest), with δ added at
-        each row's subject."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(_m, _inp, output):
+            self.returns_tuple = isinstance(output, tuple)
+            captured["h"] = (output[0] if self.returns_tuple else output).detach()
+            raise StopForward
+
+        handle = self.blocks[-1].register_forward_hook(capture)
+        try:
+            for bucket in length_buckets(self.suffix_len):
+                inputs, _ = self._suffix_inputs(bucket)
+                try:
+                    lm.model.base_model(**inputs)
+                except StopForward:
+                    pass
+                h = captured.pop("h")
+                for j, i in enumerate(bucket):
+                    self.suffix_h[i, : self.suffix_len[i]] = h[j, : self.suffix_len[i]]
+                    if rows[i].is_bare:
+                        h_init[rows[i].owner] = h[j, self.suffix_col(i, rows[i].subject_last)]
+        finally:
+            handle.remove()
+
+    def _suffix_inputs(self, sel: list[int]) -> tuple[dict, int]:
+        """Model inputs for the suffixes of rows `sel` (right-padded to their longest) attending to their
+        prefix caches (left-padded, so every prefix ends where its suffix starts); and the padded width."""
         rows, dev = self.rows, self.device
         width = max(self.suffix_len[i] for i in sel)
         p = max(self.split[i] for i in sel)
@@ -267,6 +280,24 @@ class _Batch:
             ids[j, :n_s] = torch.tensor(rows[i].ids[s:])
             mask[j, p - s : p + n_s] = 1
             pos[j] = s + torch.arange(width)
+        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+        if p > 0:
+            # Plain layers everywhere: a sliding-window layer would drop prefix entries when pre-filled; the
+            # model's own masks still apply each layer's window.
+            idx = torch.tensor(sel, device=dev)
+            cache = DynamicCache()
+            for li, (k, v) in enumerate(self.prefix_kv):
+                cache.update(k[idx, :, p_max - p :], v[idx, :, p_max - p :], li)
+            inputs |= {"cache": cache, "use_cache": True}
+        else:
+            inputs["use_cache"] = False
+        return inputs, width
+
+    def forward(self, sel: list[int], delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the suffixes of rows `sel` (padded to their longest), with δ added at
+        each row's subject."""
+        rows, dev = self.rows, self.device
+        inputs, width = self._suffix_inputs(sel)
         idx = torch.tensor(sel, device=dev)
         local = torch.arange(len(sel), device=dev)
         subj = torch.tensor([self.suffix_col(i, rows[i].subject_last) for i in sel], device=dev)
@@ -278,16 +309,6 @@ class _Batch:
             add[local, subj] = delta[owner].to(top.dtype)
             return top + add
 
-        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
-        if p > 0:
-            # Plain layers everywhere: a sliding-window layer would drop prefix entries when pre-filled; the
-            # model's own masks still apply each layer's window.
-            cache = DynamicCache()
-            for li, (k, v) in enumerate(self.prefix_kv):
-                cache.update(k[idx, :, p_max - p :], v[idx, :, p_max - p :], li)
-            inputs |= {"cache": cache, "use_cache": True}
-        else:
-            inputs["use_cache"] = False
         with replay_lower_blocks(self.blocks, with_delta, self.returns_tuple):
             return self.lm.model.base_model(**inputs)[0]
 
