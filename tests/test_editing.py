@@ -71,6 +71,11 @@ def test_null_space_basis_is_the_small_eigenvalue_eigenspace():
     # τ above every eigenvalue ratio keeps everything; τ below the smallest keeps nothing
     assert null_space_basis(C, tau=1.01).shape == (D_IN, D_IN)
     assert null_space_basis(C, tau=1e-9).shape == (D_IN, 0)
+    # absolute τ (AlphaEdit's released code): the eigenvalue itself is compared, so scale matters
+    evals = torch.linalg.eigvalsh(C)
+    cut = float(evals[D_IN - 8 - 1] + evals[D_IN - 8]) / 2  # between the small and the large eigenvalues
+    assert torch.allclose(projector(null_space_basis(C, tau=cut, relative=False)), P, atol=1e-10)
+    assert null_space_basis(1e6 * C, tau=cut, relative=False).shape == (D_IN, 0)
 
 
 def test_alphaedit_update_leaves_preserved_keys_unchanged():

@@ -37,6 +37,7 @@ class EditConfig:
     # of the directions; on SmolLM2's flatter spectrum it keeps 77-91% (and 32-47% of the preserved keys' energy),
     # 1e-2 keeps 52-78% — and gave +4 NS at equal ES/PS (benchmarks/RESULTS.md, "Null-space threshold").
     tau: float = 1e-2
+    tau_relative: bool = True  # False: τ is an absolute eigenvalue threshold, as in AlphaEdit's released code
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -150,7 +151,7 @@ class Editor:
                 d_in = stats[li].shape[0]
                 self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
             if self.spec.uses_projector and self.state[li].null_basis is None:
-                self.state[li].null_basis = null_space_basis(stats[li], cfg.tau)
+                self.state[li].null_basis = null_space_basis(stats[li], cfg.tau, cfg.tau_relative)
 
     def optimise(self, requests: Sequence[EditRequest]) -> ValueResult:
         """Target values z = h + δ for every request (in groups of `values.group`, default all at once)."""

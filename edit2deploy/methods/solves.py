@@ -46,10 +46,11 @@ def alphaedit_update(
     return torch.linalg.solve(A, P @ K @ R.T).T
 
 
-def null_space_basis(C: torch.Tensor, tau: float) -> torch.Tensor:
-    """Eigenvectors of C whose eigenvalue is < τ · λ_max (the directions preserved knowledge barely uses)."""
+def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
+    """Eigenvectors of C whose eigenvalue is < τ · λ_max (`relative`) or < τ (AlphaEdit's released code):
+    the directions preserved knowledge barely uses."""
     evals, evecs = torch.linalg.eigh(C.to(torch.float64))
-    keep = evals / evals.max() < tau
+    keep = (evals / evals.max() if relative else evals) < tau
     return evecs[:, keep]
 
 
