@@ -355,7 +355,11 @@ def _cli_cases(d: Path) -> dict[str, tuple[list[str], list[str], int]]:
         "dir without config.json": (["facts", "--model", str(noconfig), *facts], ["no config.json"], 1),
         "not a gguf": (["facts", "--model", str(garbage), *facts], ["cannot read as a GGUF model"], 1),
         "bad --probes": (["facts", *model_arg, *facts, "--probes", "edit,bogus"], ["--probes", "bogus"], 1),
-        "bad --limit": (["facts", *model_arg, *facts, "--limit", "ten"], ["--limit", "expected a positive integer"], 1),
+        "bad --limit": (
+            ["facts", *model_arg, *facts, "--limit", "ten"],
+            ["--limit", "expected a positive integer"],
+            1,
+        ),
         "missing --facts": (["facts", *model_arg], ["required", "--facts"], 1),
         "unknown command": (["fatcs"], ["invalid choice"], 1),
     }
