@@ -18,9 +18,9 @@ class StopForward(Exception):
 
 
 def run_until_stop(module: torch.nn.Module, **inputs) -> None:
-    """Run a forward pass that a hook may cut short with `StopForward`."""
+    """Run a forward pass that a hook may cut short with `StopForward` (no cache unless `inputs` bring one)."""
     try:
-        module(**inputs, use_cache=False)
+        module(**({"use_cache": False} | inputs))
     except StopForward:
         pass
 

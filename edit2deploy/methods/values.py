@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ..arch import head_logits
 from ..checks import continuation
-from ..forward import StopForward, replay_lower_blocks
+from ..forward import StopForward, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -253,10 +253,7 @@ class _Batch:
         try:
             for bucket in length_buckets(self.suffix_len):
                 inputs, _ = self._suffix_inputs(bucket)
-                try:
-                    lm.model.base_model(**inputs)
-                except StopForward:
-                    pass
+                run_until_stop(lm.model.base_model, **inputs)
                 h = captured.pop("h")
                 for j, i in enumerate(bucket):
                     self.suffix_h[i, : self.suffix_len[i]] = h[j, : self.suffix_len[i]]
