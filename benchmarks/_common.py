@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
 import tomllib
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -32,8 +35,6 @@ def overrides_of(pairs: list[str]) -> dict:
 
 def machine() -> str:
     import os
-
-    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -75,3 +76,26 @@ def rates_of(lm, requests) -> dict:
 
     r = rates(run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests)))
     return {"ES": r["edit"], "PS": r["paraphrase"], "NS": r["neighborhood"]}
+
+
+@torch.no_grad()
+def perplexity(lm, ids: list[int], window: int = 1024) -> float:
+    """exp(mean NLL) of `ids`, scored in consecutive windows of `window` tokens."""
+    device = next(lm.model.parameters()).device
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        x = torch.tensor([ids[s : s + window]], device=device)
+        if x.shape[1] < 2:
+            break
+        logits = lm.model(input_ids=x, use_cache=False).logits.float()
+        lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
+        nll -= float(lp.sum())
+        count += lp.numel()
+    return math.exp(nll / count)
+
+
+def tail_ids(lm, n_tokens: int) -> list[int]:
+    """The last `n_tokens` tokens of WikiText-2 test: held-out text (statistics read the file's start)."""
+    text = WIKITEXT.read_text(encoding="utf-8")
+    tail = text[-n_tokens * 8 :]
+    return lm.tokenizer(tail, add_special_tokens=False)["input_ids"][-n_tokens:]

@@ -19,7 +19,17 @@ import time
 from collections import Counter
 
 import torch
-from _common import COUNTERFACT, WIKITEXT, machine, overrides_of, print_table, rates_of, write_json
+from _common import (
+    COUNTERFACT,
+    WIKITEXT,
+    machine,
+    overrides_of,
+    perplexity,
+    print_table,
+    rates_of,
+    tail_ids,
+    write_json,
+)
 
 from edit2deploy.editing import apply_requests, prepare_editor
 from edit2deploy.models import open_model
@@ -49,27 +59,6 @@ def fluency(lm, prompts: list[str], max_new_tokens: int = 50) -> float:
             words = tok.decode(row, skip_special_tokens=True).split()
             scores.append(ngram_entropy(words, 2) / 3 + 2 * ngram_entropy(words, 3) / 3)
     return sum(scores) / len(scores)
-
-
-@torch.no_grad()
-def perplexity(lm, ids: list[int], window: int = 1024) -> float:
-    device = next(lm.model.parameters()).device
-    nll, count = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        x = torch.tensor([ids[s : s + window]], device=device)
-        if x.shape[1] < 2:
-            break
-        logits = lm.model(input_ids=x, use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
-        nll -= float(lp.sum())
-        count += lp.numel()
-    return math.exp(nll / count)
-
-
-def tail_ids(lm, n_tokens: int) -> list[int]:
-    text = WIKITEXT.read_text(encoding="utf-8")
-    tail = text[-n_tokens * 8 :]
-    return lm.tokenizer(tail, add_special_tokens=False)["input_ids"][-n_tokens:]
 
 
 def evaluate(lm, requests, ppl_ids, fluency_n) -> dict:

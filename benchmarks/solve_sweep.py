@@ -3,8 +3,9 @@
     python benchmarks/solve_sweep.py --n 50 --set tau=0.02 --set tau=0.01 --set tau=0.005 --set alpha=30
 
 The target values z (the expensive part of an edit) do not depend on the solve's hyperparameters, so they
-are optimised once for the first N CounterFact val cases (one batch, default method); then each variant
-solves, spreads and applies ΔW from the same unedited weights and is scored. A single batch: sequential
+are optimised once for the first N CounterFact val cases (one batch, default method; `--values F` keeps them
+for the next sweep); then each variant solves, spreads and applies ΔW from the same unedited weights and is
+scored, with perplexity on held-out WikiText-2 (the tail; statistics read the start). A single batch: sequential
 effects (previous keys) are not in it — `counterfact.py` measures those.
 """
 
@@ -13,8 +14,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
-from _common import COUNTERFACT, WIKITEXT, machine, overrides_of, print_table, rates_of, write_json
+import torch
+from _common import (
+    COUNTERFACT,
+    WIKITEXT,
+    machine,
+    overrides_of,
+    perplexity,
+    print_table,
+    rates_of,
+    tail_ids,
+    write_json,
+)
 
 from edit2deploy.config import edit_config_from
 from edit2deploy.editing import prepare_editor
@@ -31,36 +44,57 @@ def main() -> None:
     ap.add_argument("--layers", default="4-8")
     ap.add_argument("--n-tokens", type=int, default=100_000)
     ap.add_argument("--set", action="append", default=[], help="one variant: key=value[,key=value...]")
+    ap.add_argument(
+        "--ppl-tokens", type=int, default=8192, help="held-out WikiText-2 tokens (0: skip perplexity)"
+    )
+    ap.add_argument(
+        "--values", default=None, help="file keeping the optimised δ: reused when it matches, else written"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     requests = load_requests(COUNTERFACT / f"counterfact-{args.split}.json", limit=args.n, offset=args.offset)
     print(f"machine: {machine()}\n{len(requests)} {args.split} cases, one batch, layers {args.layers}")
     lm = open_model("smollm2-135m")
-    unedited = rates_of(lm, requests)
+    ppl_ids = tail_ids(lm, args.ppl_tokens) if args.ppl_tokens else []
+    unedited = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
     base = edit_config_from({"layers": args.layers}, "--set")
     editor, ledger, _ = prepare_editor(lm, base, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
-    t = time.perf_counter()
-    values = editor.optimise(requests)
-    z_s = time.perf_counter() - t
-    print(f"target values: {z_s:.0f} s, mean steps {sum(values.steps) / len(values.steps):.1f}")
+    key = {"split": args.split, "n": args.n, "offset": args.offset, "layers": args.layers}
+    cached = torch.load(args.values) if args.values and Path(args.values).exists() else None
+    if cached and cached["key"] == key:
+        delta, z_s = cached["delta"], cached["seconds"]
+        print(f"target values: read from {args.values} (optimised in {z_s:.0f} s)")
+    else:
+        t = time.perf_counter()
+        values = editor.optimise(requests)
+        delta, z_s = values.delta, time.perf_counter() - t
+        print(f"target values: {z_s:.0f} s, mean steps {sum(values.steps) / len(values.steps):.1f}")
+        if args.values:
+            torch.save({"key": key, "delta": delta, "seconds": z_s}, args.values)
     w0 = editor.weights()
-    rows = [["unedited", "-", f"{unedited['ES']:.0f}", f"{unedited['PS']:.0f}", f"{unedited['NS']:.0f}", "-"]]
+    ppl0 = unedited["ppl"]
+    rows = [["unedited", "-", *(f"{unedited[m]:.0f}" for m in ("ES", "PS", "NS")), f"{ppl0:.2f}", "-", "-"]]
     results = []
     for spec in ["default", *args.set]:
         over = {} if spec == "default" else overrides_of(spec.split(","))
         cfg = edit_config_from({**over, "layers": args.layers}, "--set")
         ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
         timings: dict[str, float] = {}
-        deltas, _ = ed.solve(requests, values.delta, timings)
-        q = rates_of(lm, requests)
+        deltas, _ = ed.solve(requests, delta, timings)
+        q = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
         editor.restore(w0)
         norms = " / ".join(f"{float(d.double().norm()):.1f}" for d in deltas.values())
         results.append({"variant": spec, "config": dataclasses.asdict(cfg), **q, "delta_fro": norms})
-        rows.append([spec, cfg.method, f"{q['ES']:.0f}", f"{q['PS']:.0f}", f"{q['NS']:.0f}", norms])
-        print(f"  {spec}: ES {q['ES']:.0f} PS {q['PS']:.0f} NS {q['NS']:.0f}", flush=True)
+        dppl = f"{(q['ppl'] / ppl0 - 1) * 100:+.1f}%"
+        row = [spec, cfg.method, *(f"{q[m]:.0f}" for m in ("ES", "PS", "NS")), f"{q['ppl']:.2f}", dppl, norms]
+        rows.append(row)
+        print(
+            f"  {spec}: ES {q['ES']:.0f} PS {q['PS']:.0f} NS {q['NS']:.0f} ppl {q['ppl']:.2f} ({dppl})",
+            flush=True,
+        )
     print()
-    print_table(["variant", "method", "ES", "PS", "NS", "‖ΔW‖_F per layer"], rows)
+    print_table(["variant", "method", "ES", "PS", "NS", "ppl", "Δppl", "‖ΔW‖_F per layer"], rows)
     write_json(args.json, {"args": vars(args), "unedited": unedited, "z_seconds": z_s, "results": results})
 
 

@@ -155,39 +155,56 @@ def test_encore_equals_least_squares(lambda_p, lambda_n):
     )
 
 
-@pytest.mark.parametrize("alpha", [0.3, 10.0])
-def test_alphaedit_equals_least_squares(alpha):
-    """AlphaEdit: min over Δ of ‖(W + Δ P) K − V‖² + α‖Δ P‖² + ‖Δ P Kp‖², with R = V − W K.
+@pytest.mark.parametrize(("alpha", "lambda_null"), [(0.3, 0.0), (10.0, 0.0), (10.0, 50.0)])
+def test_alphaedit_equals_least_squares(alpha, lambda_null):
+    """AlphaEdit: min over Δ of ‖(W + Δ P) K − V‖² + α‖Δ P‖² + ‖Δ P Kp‖² (+ λ_∅ tr(Δ P C P Δᵀ)), R = V − W K.
 
     Only the update X = Δ P matters (Δ is free on the complement of P), and X ranges over {X : X = X P}.
     Writing X = Y Uᵀ (P = U Uᵀ, U orthonormal) makes this an ordinary least-squares problem in Y:
     Y [Uᵀ K, Uᵀ Kp, √α I] ≈ [R, 0, 0], strictly convex, so X is unique. The paper's closed form
     X = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹ must give the same X."""
-    K, R, _, _, Kp = _problem(2)
+    K, R, K0, C, Kp = _problem(2)
     C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=3)
     U = null_space_basis(C_spec, tau=2e-2)
     r = U.shape[1]
     assert 0 < r < D_IN
     P = projector(U)
     z = torch.zeros
+    # λ_∅ tr(X C Xᵀ) with C = K0 K0ᵀ / n0 is ‖√(λ_∅/n0) · Y Uᵀ K0‖² (any C, not only P's own covariance)
     Y = _lstsq_rows(
-        [U.T @ K, U.T @ Kp, math.sqrt(alpha) * torch.eye(r, dtype=torch.float64)],
-        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, r, dtype=torch.float64)],
+        [
+            U.T @ K,
+            U.T @ Kp,
+            math.sqrt(alpha) * torch.eye(r, dtype=torch.float64),
+            math.sqrt(lambda_null / N_OLD) * U.T @ K0,
+        ],
+        [
+            R,
+            z(D_OUT, N_PREV, dtype=torch.float64),
+            z(D_OUT, r, dtype=torch.float64),
+            z(D_OUT, N_OLD, dtype=torch.float64),
+        ],
     )
     ref = Y @ U.T
-    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha)
+    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha, C, lambda_null)
     assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
     assert torch.allclose(dW @ P, dW, atol=1e-12)
     # The same X from the min-norm lstsq over Δ itself on [P K, P Kp, √α P] (the min-norm Δ lies in range(P)).
     ref2 = _lstsq_rows(
-        [P @ K, P @ Kp, math.sqrt(alpha) * P],
-        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, D_IN, dtype=torch.float64)],
+        [P @ K, P @ Kp, math.sqrt(alpha) * P, math.sqrt(lambda_null / N_OLD) * P @ K0],
+        [
+            R,
+            z(D_OUT, N_PREV, dtype=torch.float64),
+            z(D_OUT, D_IN, dtype=torch.float64),
+            z(D_OUT, N_OLD, dtype=torch.float64),
+        ],
     )
     assert torch.allclose(dW, ref2 @ P, rtol=1e-7, atol=1e-9 * ref.abs().max())
 
     def objective(X):
         X = X @ P
-        return ((X @ K - R) ** 2).sum() + alpha * (X**2).sum() + ((X @ Kp) ** 2).sum()
+        fit = ((X @ K - R) ** 2).sum() + alpha * (X**2).sum() + ((X @ Kp) ** 2).sum()
+        return fit + lambda_null * torch.trace(X @ C @ X.T)
 
     for s in range(3):
         E = torch.randn(D_OUT, D_IN, generator=_gen(20 + s), dtype=torch.float64) * 1e-3 * dW.abs().max()

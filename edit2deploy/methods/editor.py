@@ -38,6 +38,9 @@ class EditConfig:
     # 1e-2 keeps 52-78% — and gave +4 NS at equal ES/PS (benchmarks/RESULTS.md, "Null-space threshold").
     tau: float = 1e-2
     tau_relative: bool = True  # False: τ is an absolute eigenvalue threshold, as in AlphaEdit's released code
+    # Weight of C inside the null space (λ_∅ C P in the AlphaEdit solve): the preserved keys' energy that the
+    # threshold lets through is penalised as in MEMIT. 0: AlphaEdit as published.
+    lambda_null: float = 0.0
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -72,7 +75,7 @@ def _encore(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
 
 
 def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
-    return alphaedit_update(K, R, projector(state.null_basis), state.KpKpT, cfg.alpha)
+    return alphaedit_update(K, R, projector(state.null_basis), state.KpKpT, cfg.alpha, C, cfg.lambda_null)
 
 
 METHODS: dict[str, MethodSpec] = {

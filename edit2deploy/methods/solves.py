@@ -34,15 +34,25 @@ def encore_update(
 
 
 def alphaedit_update(
-    K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, KpKpT: torch.Tensor, alpha: float
+    K: torch.Tensor,
+    R: torch.Tensor,
+    P: torch.Tensor,
+    KpKpT: torch.Tensor,
+    alpha: float,
+    C: torch.Tensor | None = None,
+    lambda_null: float = 0.0,
 ) -> torch.Tensor:
-    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + α I)⁻¹.
+    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0 in the paper).
 
-    Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
+    Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
+    λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
+    that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere.
     """
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     A = P @ KpKpT + P @ (K @ K.T) + alpha * eye
+    if lambda_null:
+        A = A + lambda_null * (P @ C.to(torch.float64))
     return torch.linalg.solve(A, P @ K @ R.T).T
 
 
