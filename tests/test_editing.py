@@ -219,6 +219,29 @@ def test_alphaedit_with_full_projector_is_ridge_regression():
     assert torch.allclose(dW, encore_update(K, R, C, Kp @ Kp.T, 0.0, 10.0), rtol=1e-10)
 
 
+def test_alphaedit_with_full_projector_and_lambda_null_is_encore():
+    """P = I, λ_∅ = λ_p: the bracket is Kp Kpᵀ + K Kᵀ + λ_p C + α I — ENCORE's with λ_n = α."""
+    K, R, _, C, Kp = _problem(3)
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    dW = alphaedit_update(K, R, eye, Kp @ Kp.T, 10.0, C, 7.0)
+    assert torch.allclose(dW, encore_update(K, R, C, Kp @ Kp.T, 7.0, 10.0), rtol=1e-10)
+
+
+def test_lambda_null_reaches_the_registered_solves():
+    """The default method's and alphaedit's solves read `lambda_null` and C from the config."""
+    from edit2deploy.methods.editor import LayerState
+
+    K, R, _, C, Kp = _problem(5)
+    C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=6)
+    state = LayerState(KpKpT=Kp @ Kp.T, null_basis=null_space_basis(C_spec, tau=2e-2))
+    P = projector(state.null_basis)
+    for name in ("default", "alphaedit"):
+        cfg = EditConfig(method=name, lambda_null=40.0)
+        dW = METHODS[name].solve(K, R, C, state, cfg)
+        assert torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha, C, 40.0), rtol=1e-12)
+        assert not torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-3)
+
+
 def test_solves_accept_float32_inputs_and_compute_in_float64():
     K, R, _, C, _ = _problem(4)
     dW32 = memit_update(K.float(), R.float(), C.float(), 3.0)
@@ -604,11 +627,20 @@ def test_edit_config_from_table():
     from edit2deploy.config import edit_config_from
 
     cfg = edit_config_from(
-        {"method": "encore", "layers": [3, 1], "lambda_n": 20, "tau": 0.05, "max_steps": 7, "mpes_extra": 2},
+        {
+            "method": "encore",
+            "layers": [3, 1],
+            "lambda_n": 20,
+            "lambda_null": 500,
+            "tau": 0.05,
+            "max_steps": 7,
+            "mpes_extra": 2,
+        },
         "x.toml",
     )
     assert cfg.method == "encore" and cfg.layers == (1, 3)
     assert cfg.lambda_n == 20.0 and isinstance(cfg.lambda_n, float) and cfg.tau == 0.05
+    assert cfg.lambda_null == 500.0 and isinstance(cfg.lambda_null, float)
     assert cfg.values.max_steps == 7 and cfg.values.mpes_extra == 2 and cfg.values.lr == 0.5
     assert edit_config_from({"layers": "2-3"}, "x").layers == (2, 3)
     for table, msg in [
