@@ -52,6 +52,8 @@ def alphaedit_update(
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     A = P @ KpKpT + P @ (K @ K.T) + alpha * eye
     if lambda_null:
+        if C is None:
+            raise ValueError("lambda_null needs the key covariance C")
         A = A + lambda_null * (P @ C.to(torch.float64))
     return torch.linalg.solve(A, P @ K @ R.T).T
 
