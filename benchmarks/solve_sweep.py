@@ -5,8 +5,10 @@
 The target values z (the expensive part of an edit) do not depend on the solve's hyperparameters, so they
 are optimised once for the first N CounterFact val cases (one batch, default method; `--values F` keeps them
 for the next sweep); then each variant solves, spreads and applies ΔW from the same unedited weights and is
-scored, with perplexity on held-out WikiText-2 (the tail; statistics read the start). A single batch: sequential
-effects (previous keys) are not in it — `counterfact.py` measures those.
+scored, with perplexity on held-out WikiText-2 (the tail; statistics read the start). One batch by default;
+`--batch-size B` solves the cases as sequential batches (previous keys join the method state as in a real run)
+over the same frozen δ — a proxy, since a real run re-optimises each batch's δ on the edited model
+(`counterfact.py` measures that).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=["val", "train", "edit"])
     ap.add_argument("--layers", default="4-8")
     ap.add_argument("--n-tokens", type=int, default=100_000)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="solve the N cases as sequential batches of this size over the same frozen δ (0: one batch)",
+    )
     ap.add_argument("--set", action="append", default=[], help="one variant: key=value[,key=value...]")
     ap.add_argument(
         "--ppl-tokens", type=int, default=8192, help="held-out WikiText-2 tokens (0: skip perplexity)"
@@ -54,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     requests = load_requests(COUNTERFACT / f"counterfact-{args.split}.json", limit=args.n, offset=args.offset)
-    print(f"machine: {machine()}\n{len(requests)} {args.split} cases, one batch, layers {args.layers}")
+    batches = f"batches of {args.batch_size}" if args.batch_size else "one batch"
+    print(f"machine: {machine()}\n{len(requests)} {args.split} cases, {batches}, layers {args.layers}")
     lm = open_model("smollm2-135m")
     ppl_ids = tail_ids(lm, args.ppl_tokens) if args.ppl_tokens else []
     unedited = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
@@ -81,7 +90,13 @@ def main() -> None:
         cfg = edit_config_from({**over, "layers": args.layers}, "--set")
         ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
         timings: dict[str, float] = {}
-        deltas, _ = ed.solve(requests, delta, timings)
+        size = args.batch_size or len(requests)
+        for i in range(0, len(requests), size):
+            # δ was optimised on the unedited model: later batches' targets are not re-optimised (a proxy)
+            _, keys = ed.solve(requests[i : i + size], delta[:, i : i + size], timings)
+            for li in ed.layers:
+                ed.state[li].KpKpT += keys[li] @ keys[li].T
+        deltas = {li: ed.weights()[li] - w0[li] for li in ed.layers}
         q = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
         editor.restore(w0)
         norms = " / ".join(f"{float(d.double().norm()):.1f}" for d in deltas.values())
