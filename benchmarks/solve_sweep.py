@@ -94,9 +94,9 @@ def main() -> None:
         for i in range(0, len(requests), size):
             # δ was optimised on the unedited model: later batches' targets are not re-optimised (a proxy)
             _, keys = ed.solve(requests[i : i + size], delta[:, i : i + size], timings)
-            for li in ed.layers:
-                ed.state[li].KpKpT += keys[li] @ keys[li].T
-        deltas = {li: ed.weights()[li] - w0[li] for li in ed.layers}
+            ed.add_previous_keys(keys)
+        now = ed.weights()
+        deltas = {li: now[li] - w0[li] for li in ed.layers}
         q = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
         editor.restore(w0)
         norms = " / ".join(f"{float(d.double().norm()):.1f}" for d in deltas.values())

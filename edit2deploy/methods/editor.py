@@ -222,6 +222,11 @@ class Editor:
             raise
         return deltas, keys
 
+    def add_previous_keys(self, keys: dict[int, torch.Tensor]) -> None:
+        """An applied batch's keys join the method state (Σ Kp Kpᵀ) that later batches preserve."""
+        for li in self.layers:
+            self.state[li].KpKpT += keys[li] @ keys[li].T
+
     def apply_batch(self, requests: Sequence[EditRequest], harden: Hardener | None = None) -> BatchReport:
         """Optimise, solve and apply one batch; with `harden`, re-solve facts predicted not to survive."""
         timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
@@ -239,6 +244,5 @@ class Editor:
                 self.restore(originals)
                 raise
             timings["harden"] = time.perf_counter() - t
-        for li in self.layers:  # previous keys of this batch join the method state
-            self.state[li].KpKpT += keys[li] @ keys[li].T
+        self.add_previous_keys(keys)
         return BatchReport(deltas, keys, values.steps, values.converged, timings, hardening)
