@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .arch import head_logits
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -122,6 +124,34 @@ class TorchScorer:
     def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
         return hf_tokenize(self.tokenizer, prompt, continuation)
 
+    def _target_logprobs(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        chunk: Sequence[int],
+        offsets: Sequence[int],
+        tokenized: Sequence[tuple[list[int], list[int]]],
+    ) -> torch.Tensor:
+        """Log-probs (n_scored, vocab) at the positions that predict each row's continuation, in row order.
+
+        Only those positions go through the head: on short prompts the vocabulary projection at every
+        position is a fifth of the pass (same logits; the model's own head via `head_logits`).
+        """
+        where_r, where_c = [], []
+        for row, i in enumerate(chunk):
+            p_ids, c_ids = tokenized[i]
+            first = offsets[row] + len(p_ids) - 1
+            where_r += [row] * len(c_ids)
+            where_c += range(first, first + len(c_ids))
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
+        body = getattr(self.model, "base_model", None)
+        if body is None or body is self.model or self.model.get_output_embeddings() is None:
+            logits = self.model(**inputs).logits[where_r, where_c]  # no separable head: score every position
+        else:
+            logits = head_logits(self.model, body(**inputs)[0][where_r, where_c])
+        return torch.log_softmax(logits.float(), dim=-1)
+
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
         tokenized = [self.tokenize(p, c) for p, c in pairs]
@@ -132,18 +162,14 @@ class TorchScorer:
             chunk = order[start : start + self.batch_size]
             seqs = [tokenized[i][0] + tokenized[i][1][:-1] for i in chunk]
             ids, mask, pos, offsets = pad_batch(seqs, self.pad_id, self.padding_side)
-            logits = self.model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=pos.to(device),
-                use_cache=False,  # one teacher-forced pass; a KV cache would only cost memory
-            ).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = self._target_logprobs(
+                ids.to(device), mask.to(device), pos.to(device), chunk, offsets, tokenized
+            )
+            at = 0
             for row, i in enumerate(chunk):
                 p_ids, c_ids = tokenized[i]
-                first = offsets[row] + len(p_ids) - 1
-                steps = torch.arange(first, first + len(c_ids), device=device)
-                rows = logp[row, steps]
+                rows = logp[at : at + len(c_ids)]
+                at += len(c_ids)
                 target = torch.tensor(c_ids, device=device)
                 lp = rows.gather(-1, target[:, None])[:, 0]
                 out[i] = Scored(
