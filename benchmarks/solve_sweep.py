@@ -31,11 +31,40 @@ from _common import (
     write_json,
 )
 
-from edit2deploy.config import edit_config_from
+from edit2deploy.config import edit_config_from, parse_layers
 from edit2deploy.editing import prepare_editor
-from edit2deploy.methods.editor import Editor
+from edit2deploy.methods.editor import Editor, check_layers
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
+
+
+def target_values(
+    editor: Editor, requests: list, args: argparse.Namespace, z_layer: int
+) -> tuple[torch.Tensor, float]:
+    """δ for every case, optimised on the unedited model in chunks of the batch size (memory), kept in
+    `--values` after every chunk so an interrupted run resumes where it stopped."""
+    key = {"split": args.split, "n": args.n, "offset": args.offset, "z_layer": z_layer}
+    path = Path(args.values) if args.values else None
+    kept = torch.load(path) if path and path.exists() else None
+    parts, z_s = [], 0.0
+    if kept and kept["key"] == key:
+        parts, z_s = list(kept["parts"]), kept["seconds"]
+        print(f"target values: {sum(p.shape[1] for p in parts)} read from {path} (optimised in {z_s:.0f} s)")
+    chunk = args.batch_size or len(requests)
+    done = sum(p.shape[1] for p in parts)
+    for i in range(done, len(requests), chunk):
+        t = time.perf_counter()
+        values = editor.optimise(requests[i : i + chunk])
+        z_s += time.perf_counter() - t
+        parts.append(values.delta)
+        steps = sum(values.steps) / len(values.steps)
+        print(
+            f"target values {i + len(values.steps)}/{len(requests)}: {z_s:.0f} s, mean steps {steps:.1f}",
+            flush=True,
+        )
+        if path:
+            torch.save({"key": key, "parts": parts, "seconds": z_s}, path)
+    return torch.cat(parts, dim=1), z_s
 
 
 def main() -> None:
@@ -58,6 +87,7 @@ def main() -> None:
     ap.add_argument(
         "--values", default=None, help="file keeping the optimised δ: reused when it matches, else written"
     )
+    ap.add_argument("--skip-default", action="store_true", help="solve only the --set variants")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -67,27 +97,30 @@ def main() -> None:
     lm = open_model("smollm2-135m")
     ppl_ids = tail_ids(lm, args.ppl_tokens) if args.ppl_tokens else []
     unedited = rates_of(lm, requests) | {"ppl": perplexity(lm, ppl_ids) if ppl_ids else float("nan")}
-    base = edit_config_from({"layers": args.layers}, "--set")
+    print(
+        "unedited: " + " ".join(f"{k} {v:.2f}" for k, v in unedited.items() if isinstance(v, float)),
+        flush=True,
+    )
+    specs = args.set if args.skip_default and args.set else ["default", *args.set]
+    overs = {spec: ({} if spec == "default" else overrides_of(spec.split(","))) for spec in specs}
+    layer_sets = {
+        spec: check_layers(parse_layers(str(o.get("layers", args.layers))), lm.num_layers)
+        for spec, o in overs.items()
+    }
+    z_layer = layer_sets[specs[0]][-1]
+    if any(ls[-1] != z_layer for ls in layer_sets.values()):
+        raise SystemExit("every variant's layers must end at the same layer (the δ are optimised there)")
+    union = sorted({li for ls in layer_sets.values() for li in ls})
+    base = edit_config_from({"layers": ",".join(map(str, union))}, "--set")
     editor, ledger, _ = prepare_editor(lm, base, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
-    key = {"split": args.split, "n": args.n, "offset": args.offset, "layers": args.layers}
-    cached = torch.load(args.values) if args.values and Path(args.values).exists() else None
-    if cached and cached["key"] == key:
-        delta, z_s = cached["delta"], cached["seconds"]
-        print(f"target values: read from {args.values} (optimised in {z_s:.0f} s)")
-    else:
-        t = time.perf_counter()
-        values = editor.optimise(requests)
-        delta, z_s = values.delta, time.perf_counter() - t
-        print(f"target values: {z_s:.0f} s, mean steps {sum(values.steps) / len(values.steps):.1f}")
-        if args.values:
-            torch.save({"key": key, "delta": delta, "seconds": z_s}, args.values)
+    delta, z_s = target_values(editor, requests, args, z_layer)
     w0 = editor.weights()
     ppl0 = unedited["ppl"]
     rows = [["unedited", "-", *(f"{unedited[m]:.0f}" for m in ("ES", "PS", "NS")), f"{ppl0:.2f}", "-", "-"]]
     results = []
-    for spec in ["default", *args.set]:
-        over = {} if spec == "default" else overrides_of(spec.split(","))
-        cfg = edit_config_from({**over, "layers": args.layers}, "--set")
+    for spec in specs:
+        over = overs[spec]
+        cfg = edit_config_from({"layers": args.layers, **over}, "--set")
         ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
         timings: dict[str, float] = {}
         size = args.batch_size or len(requests)
@@ -105,7 +138,7 @@ def main() -> None:
         row = [spec, cfg.method, *(f"{q[m]:.0f}" for m in ("ES", "PS", "NS")), f"{q['ppl']:.2f}", dppl, norms]
         rows.append(row)
         print(
-            f"  {spec}: ES {q['ES']:.0f} PS {q['PS']:.0f} NS {q['NS']:.0f} ppl {q['ppl']:.2f} ({dppl})",
+            f"  {spec}: ES {q['ES']:.1f} PS {q['PS']:.1f} NS {q['NS']:.1f} ppl {q['ppl']:.2f} ({dppl}) ‖ΔW‖ {norms}",
             flush=True,
         )
     print()
