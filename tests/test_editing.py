@@ -13,6 +13,7 @@ import torch
 from conftest import COUNTERFACT_VAL, ROOT, run_cli, tree_digest
 
 from edit2deploy.errors import NonFiniteUpdateError, UsageError
+from edit2deploy.forward import frozen_linears_on_onednn, onednn_available
 from edit2deploy.methods import METHODS, EditConfig, Editor
 from edit2deploy.methods import values as values_mod
 from edit2deploy.methods.keys import (
@@ -422,6 +423,44 @@ def test_prefix_cache_steps_equal_whole_rows(tiny_model_dir, family, z_layer):
     assert cached.steps == whole.steps and cached.converged == whole.converged
     assert cached.delta.abs().max() > 1e-3
     assert torch.allclose(cached.z, whole.z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_frozen_linears_on_onednn_match_the_stock_path(tiny_llama):
+    """Inside the context every frozen fp32 linear goes through oneDNN (packed weights) with the stock
+    outputs and input gradients; trainable linears keep the stock path; leaving restores every forward."""
+    torch.manual_seed(0)
+    block = tiny_llama.model.get_submodule(tiny_llama.arch.block_name(1))
+    trainable = torch.nn.Linear(64, 64)
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) >= 7
+    x = torch.randn(3, 9, 64, requires_grad=True)
+    stock = linears[0](x)
+    (g_stock,) = torch.autograd.grad(stock.pow(2).sum(), x)
+    mlp = block.mlp
+    y_stock = mlp(x)
+    with frozen_linears_on_onednn([block, trainable]):
+        assert all("forward" in vars(m) for m in linears) and "forward" not in vars(trainable)
+        fast = linears[0](x)
+        (g_fast,) = torch.autograd.grad(fast.pow(2).sum(), x)
+        y_fast = mlp(x)
+    assert not any("forward" in vars(m) for m in linears)
+    assert torch.allclose(fast, stock, atol=1e-5) and torch.allclose(g_fast, g_stock, atol=1e-5)
+    assert torch.allclose(y_fast, y_stock, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_onednn_values_equal_the_stock_path(tiny_model_dir, family):
+    """z-optimisation through oneDNN's linears takes the same steps to the same δ as the stock matmuls."""
+    lm = open_model(tiny_model_dir(family, layers=4))
+    templates = context_templates(PREFIXES)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, dtype="float32")
+    fast = _z(lm, REQUESTS, templates, hp, 1)
+    stock = _z(lm, REQUESTS, templates, dataclasses.replace(hp, onednn=False), 1)
+    assert fast.steps == stock.steps and fast.converged == stock.converged
+    assert stock.delta.abs().max() > 1e-3
+    assert torch.allclose(fast.z, stock.z, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

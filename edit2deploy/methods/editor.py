@@ -53,6 +53,15 @@ class LayerState:
 
     KpKpT: torch.Tensor  # Σ over earlier batches of K Kᵀ (float64)
     null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
+    _projector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # not persisted
+
+    def projector(self) -> torch.Tensor:
+        """P = U Uᵀ, formed once (d_in² · rank multiply-adds, as much as the solve itself)."""
+        if self._projector is None:
+            if self.null_basis is None:
+                raise ValueError("this layer has no null-space basis")
+            self._projector = projector(self.null_basis)
+        return self._projector
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ def _encore(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
 
 
 def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
-    return alphaedit_update(K, R, projector(state.null_basis), state.KpKpT, cfg.alpha, C, cfg.lambda_null)
+    return alphaedit_update(K, R, state.projector(), state.KpKpT, cfg.alpha, C, cfg.lambda_null)
 
 
 METHODS: dict[str, MethodSpec] = {

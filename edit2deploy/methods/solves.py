@@ -50,12 +50,15 @@ def alphaedit_update(
     """
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
-    A = P @ KpKpT + P @ (K @ K.T) + alpha * eye
+    PK = P @ K  # (d_in, n): P K Kᵀ as (P K) Kᵀ is n/d_in of the work of P (K Kᵀ)
+    A = PK @ K.T + alpha * eye
+    if KpKpT.any():  # the first batch has no previous keys
+        A = A + P @ KpKpT
     if lambda_null:
         if C is None:
             raise ValueError("lambda_null needs the key covariance C")
         A = A + lambda_null * (P @ C.to(torch.float64))
-    return torch.linalg.solve(A, P @ K @ R.T).T
+    return torch.linalg.solve(A, PK @ R.T).T
 
 
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:

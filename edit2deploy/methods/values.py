@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ..arch import head_logits
 from ..checks import continuation
-from ..forward import StopForward, replay_lower_blocks, run_until_stop
+from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -50,6 +50,9 @@ class ValueHParams:
     # Rows of a step are grouped so a group's padded tokens are ≤ (1 + bucket_waste) × its real tokens:
     # more waste, fewer and larger forwards (matmul efficiency vs padding).
     bucket_waste: float = 0.15
+    # float32 CPU steps: the frozen linears above the z layer and the head multiply through oneDNN, which
+    # runs the same products faster than MKL's sgemm on AVX2 AMD cores (benchmarks/RESULTS.md).
+    onednn: bool = True
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -346,6 +349,19 @@ def optimise_values(
     quiet: bool = False,
 ) -> ValueResult:
     """Find z = h + δ per request so that the model says `target_new` from every context."""
+    fast = hp.onednn and autocast_dtype(hp.dtype, next(lm.model.parameters()).device) is None
+    with frozen_linears_on_onednn([lm.model] if fast else []):
+        return _optimise_values(lm, requests, templates, z_layer, hp, quiet)
+
+
+def _optimise_values(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    z_layer: int,
+    hp: ValueHParams,
+    quiet: bool,
+) -> ValueResult:
     model = lm.model
     use_margin = hp.margin > 0
     rows = build_rows(lm, requests, templates, with_true=use_margin)
