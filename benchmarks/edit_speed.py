@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="batched,one-at-a-time",
-        help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, no-mpes, reference-procedure",
+        help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, batched-stock-matmul, no-mpes, reference-procedure",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
@@ -54,6 +54,10 @@ def main() -> None:
             base, values=dataclasses.replace(base.values, prefix_cache=False)
         ),
         "no-mpes": dataclasses.replace(base, method="alphaedit"),
+        # The same engine with torch's stock fp32 matmuls (MKL's sgemm) instead of oneDNN's packed linears.
+        "batched-stock-matmul": dataclasses.replace(
+            base, values=dataclasses.replace(base.values, onednn=False)
+        ),
         "reference-procedure": base,  # the reference code's z-optimisation, see reference_procedure.py
     }
     print(f"machine: {machine()}")
