@@ -243,6 +243,29 @@ def test_lambda_null_reaches_the_registered_solves():
         assert not torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-3)
 
 
+def test_layer_state_keeps_the_projected_previous_keys_current():
+    """The registered solve reads P Kp Kpᵀ from the layer state, which `add_keys` grows by (P K) Kᵀ: after
+    keys are added, the solve equals the formula evaluated on the grown Σ Kp Kpᵀ from scratch."""
+    from edit2deploy.methods.editor import LayerState
+
+    K, R, _, C, Kp = _problem(5)
+    C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=6)
+    state = LayerState(
+        KpKpT=torch.zeros(D_IN, D_IN, dtype=torch.float64), null_basis=null_space_basis(C_spec, tau=2e-2)
+    )
+    P = projector(state.null_basis)
+    cfg = EditConfig()
+    first = METHODS["default"].solve(K, R, C, state, cfg)
+    assert torch.allclose(first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), cfg.alpha), rtol=1e-12)
+    state.add_keys(Kp[:, :3])
+    state.add_keys(Kp[:, 3:])
+    assert torch.allclose(state.KpKpT, Kp @ Kp.T, rtol=1e-12)
+    assert torch.allclose(state.projected_previous(), P @ Kp @ Kp.T, rtol=1e-10, atol=1e-12)
+    later = METHODS["default"].solve(K, R, C, state, cfg)
+    assert torch.allclose(later, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-10)
+    assert not torch.allclose(later, first, rtol=1e-3)
+
+
 def test_solves_accept_float32_inputs_and_compute_in_float64():
     K, R, _, C, _ = _problem(4)
     dW32 = memit_update(K.float(), R.float(), C.float(), 3.0)

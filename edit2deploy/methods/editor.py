@@ -55,6 +55,8 @@ class LayerState:
     null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
     _projector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # not persisted
 
+    _projected_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
     def projector(self) -> torch.Tensor:
         """P = U Uᵀ, formed once (d_in² · rank multiply-adds, as much as the solve itself)."""
         if self._projector is None:
@@ -62,6 +64,20 @@ class LayerState:
                 raise ValueError("this layer has no null-space basis")
             self._projector = projector(self.null_basis)
         return self._projector
+
+    def projected_previous(self) -> torch.Tensor:
+        """P Kp Kpᵀ, kept up to date by `add_keys` ((P K) Kᵀ per batch instead of a d_in³ product)."""
+        if self._projected_previous is None:
+            P = self.projector()
+            self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else torch.zeros_like(P)
+        return self._projected_previous
+
+    def add_keys(self, K: torch.Tensor) -> None:
+        """An applied batch's keys join Σ Kp Kpᵀ."""
+        K = K.to(torch.float64)
+        self.KpKpT += K @ K.T
+        if self._projected_previous is not None:
+            self._projected_previous += (self.projector() @ K) @ K.T
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,16 @@ def _encore(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
 
 
 def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
-    return alphaedit_update(K, R, state.projector(), state.KpKpT, cfg.alpha, C, cfg.lambda_null)
+    return alphaedit_update(
+        K,
+        R,
+        state.projector(),
+        state.KpKpT,
+        cfg.alpha,
+        C,
+        cfg.lambda_null,
+        P_KpKpT=state.projected_previous(),
+    )
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -234,7 +259,7 @@ class Editor:
     def add_previous_keys(self, keys: dict[int, torch.Tensor]) -> None:
         """An applied batch's keys join the method state (Σ Kp Kpᵀ) that later batches preserve."""
         for li in self.layers:
-            self.state[li].KpKpT += keys[li] @ keys[li].T
+            self.state[li].add_keys(keys[li])
 
     def apply_batch(self, requests: Sequence[EditRequest], harden: Hardener | None = None) -> BatchReport:
         """Optimise, solve and apply one batch; with `harden`, re-solve facts predicted not to survive."""

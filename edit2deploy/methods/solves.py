@@ -41,18 +41,22 @@ def alphaedit_update(
     alpha: float,
     C: torch.Tensor | None = None,
     lambda_null: float = 0.0,
+    P_KpKpT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0 in the paper).
 
     Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
     λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
     that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere.
+    `P_KpKpT`: P Kp Kpᵀ when the caller keeps it across batches (else formed here).
     """
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     PK = P @ K  # (d_in, n): P K Kᵀ as (P K) Kᵀ is n/d_in of the work of P (K Kᵀ)
     A = PK @ K.T + alpha * eye
-    if KpKpT.any():  # the first batch has no previous keys
+    if P_KpKpT is not None:
+        A = A + P_KpKpT.to(torch.float64)
+    elif KpKpT.any():  # the first batch has no previous keys
         A = A + P @ KpKpT
     if lambda_null:
         if C is None:
