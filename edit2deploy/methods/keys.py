@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward import StopForward, replay_lower_blocks, run_until_stop
+from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -113,7 +113,7 @@ class KeyPasses:
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the z-layer block output (d, n) at the
         subject's last token of the bare prompt, on the model as it is now."""
-        lm, model, arch, dev = self.lm, self.lm.model, self.lm.arch, self.device
+        model, arch, dev = self.lm.model, self.lm.arch, self.device
         if self.resume_block is not None and layer < self.resume_block:
             raise ValueError(f"layers must be visited in ascending order ({layer} after {self.resume_block})")
         d_in = arch.to_out_in(arch.get_weight(model, layer)).shape[1]
@@ -122,6 +122,22 @@ class KeyPasses:
             len(self.located), model.config.get_text_config().hidden_size, dtype=torch.float64, device=dev
         )
         next_h: list[torch.Tensor] = []
+        # The weights are fixed during one pass (updates land between passes), so they can be packed for it.
+        run = [
+            model.get_submodule(arch.block_name(i)) for i in range(self.resume_block or 0, self.z_layer + 1)
+        ]
+        with frozen_linears_on_onednn(run):
+            self._pass(layer, k_all, h_all, next_h)
+        self.resume_block, self.resume_h = layer, next_h
+        k = k_all.reshape(self.n_req, self.n_t, -1)
+        keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if self.n_t > 1 else k[:, 0]
+        h = h_all.reshape(self.n_req, self.n_t, -1)[:, 0]
+        return keys.T.contiguous(), h.T.contiguous()
+
+    def _pass(self, layer: int, k_all: torch.Tensor, h_all: torch.Tensor, next_h: list[torch.Tensor]) -> None:
+        """One pass over every bucket: keys at `layer` into k_all, z-layer outputs into h_all, and each
+        bucket's input to block `layer` (where the next pass resumes) appended to next_h."""
+        lm, model, arch, dev = self.lm, self.lm.model, self.lm.arch, self.device
         for b, bucket in enumerate(self.buckets):
             part = [self.located[i] for i in bucket]
             ids, mask, pos, offsets = pad_batch(
@@ -168,11 +184,6 @@ class KeyPasses:
             k_all[bucket] = captured["k"]
             h_all[bucket] = captured["h"]
             next_h.append(captured["in"])
-        self.resume_block, self.resume_h = layer, next_h
-        k = k_all.reshape(self.n_req, self.n_t, -1)
-        keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if self.n_t > 1 else k[:, 0]
-        h = h_all.reshape(self.n_req, self.n_t, -1)[:, 0]
-        return keys.T.contiguous(), h.T.contiguous()
 
 
 def keys_and_outputs(
