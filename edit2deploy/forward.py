@@ -98,7 +98,7 @@ def onednn_available() -> bool:
 
 @contextlib.contextmanager
 def frozen_linears_on_onednn(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Inside: every frozen float32 CPU `nn.Linear` under `modules` multiplies through oneDNN with its
+    """Inside: every frozen float32 CPU `nn.Linear` (the class itself) under `modules` multiplies through oneDNN with its
     weight packed once (the weights must not change inside).
 
     Why: MKL's sgemm takes a generic path on AMD CPUs; oneDNN runs the same fp32 products 10-20% faster
@@ -109,7 +109,8 @@ def frozen_linears_on_onednn(modules: list[torch.nn.Module]) -> Iterator[None]:
     if onednn_available():
         for m in modules:
             for lin in m.modules():
-                if not isinstance(lin, torch.nn.Linear) or "forward" in vars(lin):
+                # Exactly nn.Linear: subclasses (bitsandbytes, quantizers) have their own forward.
+                if type(lin) is not torch.nn.Linear or "forward" in vars(lin):
                     continue
                 w = lin.weight
                 if w.requires_grad or w.dtype != torch.float32 or w.device.type != "cpu":

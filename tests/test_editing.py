@@ -451,10 +451,12 @@ def test_prefix_cache_steps_equal_whole_rows(tiny_model_dir, family, z_layer):
 @pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 def test_frozen_linears_on_onednn_match_the_stock_path(tiny_llama):
     """Inside the context every frozen fp32 linear goes through oneDNN (packed weights) with the stock
-    outputs and input gradients; trainable linears keep the stock path; leaving restores every forward."""
+    outputs and input gradients; trainable linears and subclasses (own forward) keep the stock path; leaving
+    restores every forward."""
     torch.manual_seed(0)
     block = tiny_llama.model.get_submodule(tiny_llama.arch.block_name(1))
     trainable = torch.nn.Linear(64, 64)
+    subclass = type("OwnForwardLinear", (torch.nn.Linear,), {})(64, 64).requires_grad_(False)
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) >= 7
     x = torch.randn(3, 9, 64, requires_grad=True)
@@ -462,8 +464,9 @@ def test_frozen_linears_on_onednn_match_the_stock_path(tiny_llama):
     (g_stock,) = torch.autograd.grad(stock.pow(2).sum(), x)
     mlp = block.mlp
     y_stock = mlp(x)
-    with frozen_linears_on_onednn([block, trainable]):
-        assert all("forward" in vars(m) for m in linears) and "forward" not in vars(trainable)
+    with frozen_linears_on_onednn([block, trainable, subclass]):
+        assert all("forward" in vars(m) for m in linears)
+        assert "forward" not in vars(trainable) and "forward" not in vars(subclass)
         fast = linears[0](x)
         (g_fast,) = torch.autograd.grad(fast.pow(2).sum(), x)
         y_fast = mlp(x)

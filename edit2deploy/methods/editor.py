@@ -229,7 +229,7 @@ class Editor:
         originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
-        passes = KeyPasses(lm, requests, self.templates, self.layers[-1])
+        passes = KeyPasses(lm, requests, self.templates, self.layers[-1], onednn=cfg.values.onednn)
         try:
             for i, li in enumerate(self.layers):
                 t = time.perf_counter()

@@ -96,9 +96,15 @@ class KeyPasses:
     """
 
     def __init__(
-        self, lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], z_layer: int
+        self,
+        lm: LoadedModel,
+        requests: Sequence[EditRequest],
+        templates: Sequence[str],
+        z_layer: int,
+        onednn: bool = True,
     ):
         self.lm, self.n_req, self.n_t, self.z_layer = lm, len(requests), len(templates), z_layer
+        self.onednn = onednn
         self.device = next(lm.model.parameters()).device
         self.located = [locate_in_template(lm.tokenizer, t, r) for r in requests for t in templates]
         self.buckets = length_buckets([x.subject_last + 1 for x in self.located])
@@ -126,7 +132,7 @@ class KeyPasses:
         run = [
             model.get_submodule(arch.block_name(i)) for i in range(self.resume_block or 0, self.z_layer + 1)
         ]
-        with frozen_linears_on_onednn(run):
+        with frozen_linears_on_onednn(run if self.onednn else []):
             self._pass(layer, k_all, h_all, next_h)
         self.resume_block, self.resume_h = layer, next_h
         k = k_all.reshape(self.n_req, self.n_t, -1)

@@ -50,8 +50,8 @@ class ValueHParams:
     # Rows of a step are grouped so a group's padded tokens are ≤ (1 + bucket_waste) × its real tokens:
     # more waste, fewer and larger forwards (matmul efficiency vs padding).
     bucket_waste: float = 0.15
-    # float32 CPU steps: the frozen linears above the z layer and the head multiply through oneDNN, which
-    # runs the same products faster than MKL's sgemm on AVX2 AMD cores (benchmarks/RESULTS.md).
+    # float32 on CPU: the model's frozen linears (blocks and head) multiply through oneDNN during z-optimisation
+    # and key passes, the same products faster than MKL's sgemm on AVX2 AMD cores (benchmarks/RESULTS.md).
     onednn: bool = True
 
 
