@@ -9,6 +9,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -16,6 +17,77 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 COUNTERFACT = DATA / "counterfact"
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def speed_variants(base):
+    """The z-optimisation variants the speed benchmarks compare, each an `EditConfig` derived from `base`."""
+    from dataclasses import replace
+
+    v = base.values
+    return {
+        "batched": base,
+        "one-at-a-time": replace(base, values=replace(v, group=1)),
+        # One request at a time over whole rows: the reference's procedure minus our lower-block replay and
+        # scored-positions-only head, so a conservative (fast) stand-in for it.
+        "one-at-a-time-whole-rows": replace(base, values=replace(v, group=1, prefix_cache=False)),
+        "batched-whole-rows": replace(base, values=replace(v, prefix_cache=False)),
+        # AlphaEdit's own stop (ROME's loss threshold) instead of MPES: the MPES saving, side by side.
+        "no-mpes": replace(base, method="alphaedit"),
+        # The same engine with torch's stock fp32 matmuls (MKL's sgemm) instead of oneDNN's packed linears.
+        "batched-stock-matmul": replace(base, values=replace(v, onednn=False)),
+    }
+
+
+class PeakMemory:
+    """Wall time and peak memory of a block: the resident set of this process and its children sampled every
+    10 ms (MiB), and on CUDA `torch.cuda.max_memory_allocated` (MiB)."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.01) -> None:
+        self.cuda = device.startswith("cuda")
+        self.interval = interval
+        self.rss_mib = 0.0
+        self.gpu_mib: float | None = None
+        self.seconds = 0.0
+
+    def _rss(self) -> int:
+        import psutil
+
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # the child ended between listing and reading
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self) -> Self:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self._peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.rss_mib = max(self._peak, self._rss()) / 2**20
 
 
 def overrides_of(pairs: list[str]) -> dict:

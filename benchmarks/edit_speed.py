@@ -10,11 +10,10 @@ reference measurement (DESIGN.md). Both variants edit the same facts from the sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
-from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, write_json
+from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, speed_variants, write_json
 from reference_procedure import reference_values
 
 from edit2deploy.config import parse_layers
@@ -43,21 +42,7 @@ def main() -> None:
     requests = load_requests(COUNTERFACT / "counterfact-val.json", limit=args.n)
     base = EditConfig(method=args.method, layers=parse_layers(args.layers))
     variants = {
-        "batched": base,
-        "one-at-a-time": dataclasses.replace(base, values=dataclasses.replace(base.values, group=1)),
-        # One request at a time over whole rows: the reference's procedure minus our lower-block replay and
-        # scored-positions-only head, so a conservative (fast) stand-in for it.
-        "one-at-a-time-whole-rows": dataclasses.replace(
-            base, values=dataclasses.replace(base.values, group=1, prefix_cache=False)
-        ),
-        "batched-whole-rows": dataclasses.replace(
-            base, values=dataclasses.replace(base.values, prefix_cache=False)
-        ),
-        "no-mpes": dataclasses.replace(base, method="alphaedit"),
-        # The same engine with torch's stock fp32 matmuls (MKL's sgemm) instead of oneDNN's packed linears.
-        "batched-stock-matmul": dataclasses.replace(
-            base, values=dataclasses.replace(base.values, onednn=False)
-        ),
+        **speed_variants(base),
         "reference-procedure": base,  # the reference code's z-optimisation, see reference_procedure.py
     }
     print(f"machine: {machine()}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import shutil
 import subprocess
 import sys
@@ -34,27 +33,13 @@ CONVERTER_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 def make_edited_copy(src: Path, dst: Path, layers: list[int]) -> list[str]:
     """A copy of `src` whose MLP down-projections in `layers` are slightly changed, with a ledger state."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from edit2deploy.arch import architecture_for
     from edit2deploy.models import read_config
+    from edit2deploy.synthetic import perturbed_copy
 
     arch = architecture_for(read_config(src)["model_type"])
     names = [arch.weight_name(i) for i in layers]
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for n in names:
-        sd[n] = (sd[n] + 0.01 * sd[n].std() * torch.randn(sd[n].shape, generator=g)).contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "edit2deploy").mkdir()
-    (dst / "edit2deploy" / "state.json").write_text(
-        json.dumps({"base_model": str(src), "edited_tensors": names})
-    )
+    perturbed_copy(src, dst, names, base_model=str(src), seed=0)
     return names
 
 

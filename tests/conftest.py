@@ -147,31 +147,3 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Callable[..., Path]:
         return out
 
     return make
-
-
-def perturbed_copy(
-    src: Path, dst: Path, names: list[str], scale: float = 0.01, base_model: str = "smollm2-135m"
-) -> Path:
-    """A copy of an HF dir whose tensors `names` are slightly changed, with an edit-ledger state naming them as
-    edited (what `edit` writes, without running it): export/verify tests of edited models."""
-    import json
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    for n in names:
-        w = sd[n]
-        sd[n] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).contiguous()
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "edit2deploy").mkdir(exist_ok=True)
-    (dst / "edit2deploy" / "state.json").write_text(
-        json.dumps({"base_model": base_model, "edited_tensors": names})
-    )
-    return dst

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FACTS, ROOT, perturbed_copy, tree_digest
+from conftest import FACTS, ROOT, tree_digest
 from edit2deploy.exporters import FORMATS, Exporter, detect_format, get_format
 from edit2deploy.exporters.bnb import META_FILE, check_artifact, is_bnb_dir, load_artifact, stored_types
 
@@ -22,6 +22,7 @@ from edit2deploy.errors import UsageError
 from edit2deploy.pipeline import Target, parse_targets
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer
+from edit2deploy.synthetic import perturbed_copy
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="the bnb extra (bitsandbytes) is not installed"

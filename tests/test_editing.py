@@ -241,6 +241,10 @@ def test_lambda_null_reaches_the_registered_solves():
         dW = METHODS[name].solve(K, R, C, state, cfg)
         assert torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha, C, 40.0), rtol=1e-12)
         assert not torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-3)
+    # P C is formed once and reused by later solves of the same layer
+    cached = state.projected_covariance(C)
+    assert torch.allclose(cached, P @ C, rtol=1e-12)
+    assert state.projected_covariance(C) is cached
 
 
 def test_layer_state_keeps_the_projected_previous_keys_current():

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_copy
 from edit2deploy.exporters import (
     FORMATS,
     Artifact,
@@ -31,6 +30,7 @@ from edit2deploy.exporters.gguf_patch import scan
 from edit2deploy.exporters.gguf_types import protected_type, quant_spec
 
 from edit2deploy.errors import UsageError
+from edit2deploy.synthetic import perturbed_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "examples" / "facts.jsonl"

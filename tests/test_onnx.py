@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import perturbed_copy
 from edit2deploy.exporters import FORMATS, Artifact, Exporter, detect_format, get_format
 from edit2deploy.exporters.onnx import META_FILE, check_artifact, load_artifact, standalone_generate
 from edit2deploy.exporters.onnx_builder import QuantOptions, builder_extra_options, builder_node_candidates
@@ -22,6 +21,7 @@ from edit2deploy.checks import continuation, probes_for, run_probes
 from edit2deploy.errors import UsageError
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer, hf_tokenize
+from edit2deploy.synthetic import perturbed_copy
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")),

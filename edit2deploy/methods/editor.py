@@ -56,6 +56,7 @@ class LayerState:
     _projector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # not persisted
 
     _projected_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _projected_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def projector(self) -> torch.Tensor:
         """P = U Uᵀ, formed once (d_in² · rank multiply-adds, as much as the solve itself)."""
@@ -71,6 +72,12 @@ class LayerState:
             P = self.projector()
             self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else torch.zeros_like(P)
         return self._projected_previous
+
+    def projected_covariance(self, C: torch.Tensor) -> torch.Tensor:
+        """P C for the λ_∅ term, formed once: an editor's C is fixed for the run, so later batches reuse it."""
+        if self._projected_covariance is None:
+            self._projected_covariance = self.projector() @ C.to(torch.float64)
+        return self._projected_covariance
 
     def add_keys(self, K: torch.Tensor) -> None:
         """An applied batch's keys join Σ Kp Kpᵀ."""
@@ -109,6 +116,7 @@ def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
         C,
         cfg.lambda_null,
         P_KpKpT=state.projected_previous(),
+        P_C=state.projected_covariance(C) if cfg.lambda_null else None,
     )
 
 

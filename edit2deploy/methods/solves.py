@@ -42,13 +42,14 @@ def alphaedit_update(
     C: torch.Tensor | None = None,
     lambda_null: float = 0.0,
     P_KpKpT: torch.Tensor | None = None,
+    P_C: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0 in the paper).
 
     Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
     λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
     that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere.
-    `P_KpKpT`: P Kp Kpᵀ when the caller keeps it across batches (else formed here).
+    `P_KpKpT`, `P_C`: P Kp Kpᵀ and P C when the caller keeps them across batches (else formed here).
     """
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
@@ -59,9 +60,11 @@ def alphaedit_update(
     elif KpKpT.any():  # the first batch has no previous keys
         A = A + P @ KpKpT
     if lambda_null:
-        if C is None:
-            raise ValueError("lambda_null needs the key covariance C")
-        A = A + lambda_null * (P @ C.to(torch.float64))
+        if P_C is None:
+            if C is None:
+                raise ValueError("lambda_null needs the key covariance C")
+            P_C = P @ C.to(torch.float64)
+        A = A + lambda_null * P_C.to(torch.float64)
     return torch.linalg.solve(A, PK @ R.T).T
 
 
