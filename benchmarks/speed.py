@@ -12,8 +12,8 @@ verify; batched vs one-request-at-a-time z-optimisation; MPES on/off.
 - save / export / verify: once, on the first variant's edited model (they do not depend on how δ was found).
   Verify scores the fact suite in the artifact's own runtime against the fp32 edited model; the paired-baseline
   export is left out (`baseline=False`);
-- peak memory: the resident set of this process and its children sampled every 10 ms during the phase, and on CUDA
-  `torch.cuda.max_memory_allocated`.
+- peak memory: this process's peak resident set during the phase (VmHWM, reset at the phase's start; it includes
+  whatever earlier phases left resident, e.g. loaded models), and on CUDA `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
