@@ -38,6 +38,41 @@ def speed_variants(base):
     }
 
 
+def variant_result(name: str, run, seconds: float, lm, requests) -> dict:
+    """One speed variant's record: edits/s, time per phase (keys, z, solve; summed over the ledger's batch
+    records), mean z steps, and ES / PS / NS of the edited model."""
+    steps = [s for b in run.batches for s in b["steps"]]
+    return {
+        "variant": name,
+        "edits": len(requests),
+        "seconds": seconds,
+        "s_per_edit": seconds / len(requests),
+        "edits_per_s": len(requests) / seconds,
+        "phases": {k: sum(b["timings"][k] for b in run.batches) for k in ("keys", "z", "solve")},
+        "mean_steps": sum(steps) / len(steps),
+        **rates_of(lm, requests),
+    }
+
+
+def print_variants(results: list[dict], memory: str | None = None) -> None:
+    """The variants' table (with a peak-memory column `memory` when given: a formatted "memory" entry per
+    record), then the first variant's edits/s and z-time ratio to each other."""
+    heads = ["variant", "edits", "s/edit", "edits/s", "keys s", "z s", "solve s", "mean z steps"]
+    rows = []
+    for r in results:
+        row = [r["variant"], r["edits"], f"{r['s_per_edit']:.2f}", f"{r['edits_per_s']:.3f}"]
+        row += [f"{r['phases'][k]:.1f}" for k in ("keys", "z", "solve")] + [f"{r['mean_steps']:.1f}"]
+        row += [r["memory"]] if memory else []
+        rows.append(row + [f"{r[k]:.0f}" for k in ("ES", "PS", "NS")])
+    print_table(heads + ([memory] if memory else []) + ["ES", "PS", "NS"], rows)
+    r0 = results[0]
+    for r in results[1:]:
+        print(
+            f"{r0['variant']} is {r0['edits_per_s'] / r['edits_per_s']:.2f}x the edits/s of {r['variant']} "
+            f"(z-optimisation alone: {r['phases']['z'] / r0['phases']['z']:.2f}x)"
+        )
+
+
 class PeakMemory:
     """Wall time and peak memory of a block, in MiB: this process's peak resident set (Linux's VmHWM, reset at entry
     through /proc/self/clear_refs: exact and free, unlike a sampling thread that would take CPU from the work being

@@ -13,7 +13,7 @@ import argparse
 import time
 
 import torch
-from _common import COUNTERFACT, WIKITEXT, machine, print_table, rates_of, speed_variants, write_json
+from _common import COUNTERFACT, WIKITEXT, machine, print_variants, speed_variants, variant_result, write_json
 from reference_procedure import reference_values
 
 from edit2deploy.config import parse_layers
@@ -61,60 +61,10 @@ def main() -> None:
         t = time.perf_counter()
         run = apply_requests(editor, ledger, requests, args.batch_size, quiet=True)
         total = time.perf_counter() - t
-        phases = {k: sum(b["timings"][k] for b in run.batches) for k in ("keys", "z", "solve")}
-        steps = [s for b in run.batches for s in b["steps"]]
-        q = rates_of(lm, requests)
-        results.append(
-            {
-                "variant": name,
-                "edits": len(requests),
-                "seconds": total,
-                "s_per_edit": total / len(requests),
-                "edits_per_s": len(requests) / total,
-                "phases": phases,
-                "stats_seconds": stats_s,
-                "mean_steps": sum(steps) / len(steps),
-                **q,
-            }
-        )
+        results.append({**variant_result(name, run, total, lm, requests), "stats_seconds": stats_s})
         print(f"  {name}: {total:.1f} s", flush=True)
     print()
-    print_table(
-        [
-            "variant",
-            "edits",
-            "s/edit",
-            "edits/s",
-            "keys s",
-            "z s",
-            "solve s",
-            "mean z steps",
-            "ES",
-            "PS",
-            "NS",
-        ],
-        [
-            [
-                r["variant"],
-                r["edits"],
-                f"{r['s_per_edit']:.2f}",
-                f"{r['edits_per_s']:.3f}",
-                f"{r['phases']['keys']:.1f}",
-                f"{r['phases']['z']:.1f}",
-                f"{r['phases']['solve']:.1f}",
-                f"{r['mean_steps']:.1f}",
-                f"{r['ES']:.0f}",
-                f"{r['PS']:.0f}",
-                f"{r['NS']:.0f}",
-            ]
-            for r in results
-        ],
-    )
-    if len(results) >= 2 and results[0]["variant"] == "batched":
-        for r in results[1:]:
-            print(
-                f"batched is {results[0]['edits_per_s'] / r['edits_per_s']:.1f}x the edits/s of {r['variant']}"
-            )
+    print_variants(results)
     write_json(
         args.json, {"results": results, "n": args.n, "batch_size": args.batch_size, "layers": args.layers}
     )

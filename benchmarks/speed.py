@@ -29,8 +29,9 @@ from _common import (
     PeakMemory,
     machine,
     print_table,
-    rates_of,
+    print_variants,
     speed_variants,
+    variant_result,
     write_json,
 )
 
@@ -91,20 +92,12 @@ def main() -> None:
             run = apply_requests(editor, ledger, requests, args.batch_size, quiet=True)
         if run.failed:
             raise SystemExit(f"{name}: batch {run.failed['batch']} failed: {run.failed['error']}")
-        phases = {k: sum(b["timings"][k] for b in run.batches) for k in ("keys", "z", "solve")}
-        steps = [s for b in run.batches for s in b["steps"]]
         results.append(
             {
-                "variant": name,
-                "edits": len(requests),
-                "seconds": mem.seconds,
-                "s_per_edit": mem.seconds / len(requests),
-                "edits_per_s": len(requests) / mem.seconds,
-                "phases": phases,
-                "mean_steps": sum(steps) / len(steps),
+                **variant_result(name, run, mem.seconds, lm, requests),
                 "peak_rss_mib": mem.rss_mib,
                 "peak_gpu_mib": mem.gpu_mib,
-                **rates_of(lm, requests),
+                "memory": _mem(mem),
             }
         )
         print(f"  {name}: {mem.seconds:.1f} s", flush=True)
@@ -162,44 +155,7 @@ def main() -> None:
     print()
     print_table(["phase", "s", "work", mem_head], phase_rows)
     print()
-    print_table(
-        [
-            "variant",
-            "s/edit",
-            "edits/s",
-            "keys s",
-            "z s",
-            "solve s",
-            "mean z steps",
-            mem_head,
-            "ES",
-            "PS",
-            "NS",
-        ],
-        [
-            [
-                r["variant"],
-                f"{r['s_per_edit']:.2f}",
-                f"{r['edits_per_s']:.3f}",
-                f"{r['phases']['keys']:.1f}",
-                f"{r['phases']['z']:.1f}",
-                f"{r['phases']['solve']:.1f}",
-                f"{r['mean_steps']:.1f}",
-                f"{r['peak_rss_mib']:.0f}"
-                + ("" if r["peak_gpu_mib"] is None else f" / {r['peak_gpu_mib']:.0f}"),
-                f"{r['ES']:.0f}",
-                f"{r['PS']:.0f}",
-                f"{r['NS']:.0f}",
-            ]
-            for r in results
-        ],
-    )
-    for r in results[1:]:
-        ratio = r0["edits_per_s"] / r["edits_per_s"]
-        print(
-            f"{r0['variant']} is {ratio:.2f}x the edits/s of {r['variant']} (z-optimisation alone: "
-            f"{r['phases']['z'] / r0['phases']['z']:.2f}x)"
-        )
+    print_variants(results, mem_head)
     write_json(
         args.json,
         {
