@@ -111,6 +111,7 @@ def prepare_editor(
         ledger.state["prefixes"],
         state=_state_from_ledger(ledger, layers),
         quiet=quiet,
+        base={li: ledger.originals[n] for li in layers if (n := lm.arch.weight_name(li)) in ledger.originals},
     )
     return editor, ledger, stats_seconds
 

@@ -156,9 +156,13 @@ def test_encore_equals_least_squares(lambda_p, lambda_n):
     )
 
 
-@pytest.mark.parametrize(("alpha", "lambda_null"), [(0.3, 0.0), (10.0, 0.0), (10.0, 50.0)])
-def test_alphaedit_equals_least_squares(alpha, lambda_null):
+@pytest.mark.parametrize(
+    ("alpha", "lambda_null", "with_drift"),
+    [(0.3, 0.0, False), (10.0, 0.0, False), (10.0, 50.0, False), (10.0, 50.0, True)],
+)
+def test_alphaedit_equals_least_squares(alpha, lambda_null, with_drift):
     """AlphaEdit: min over Δ of ‖(W + Δ P) K − V‖² + α‖Δ P‖² + ‖Δ P Kp‖² (+ λ_∅ tr(Δ P C P Δᵀ)), R = V − W K.
+    With earlier drift D (`null_drift`) the λ_∅ term is λ_∅ tr((D + Δ P) C (D + Δ P)ᵀ).
 
     Only the update X = Δ P matters (Δ is free on the complement of P), and X ranges over {X : X = X P}.
     Writing X = Y Uᵀ (P = U Uᵀ, U orthonormal) makes this an ordinary least-squares problem in Y:
@@ -171,41 +175,33 @@ def test_alphaedit_equals_least_squares(alpha, lambda_null):
     assert 0 < r < D_IN
     P = projector(U)
     z = torch.zeros
-    # λ_∅ tr(X C Xᵀ) with C = K0 K0ᵀ / n0 is ‖√(λ_∅/n0) · Y Uᵀ K0‖² (any C, not only P's own covariance)
+    D = torch.randn(D_OUT, D_IN, generator=_gen(7), dtype=torch.float64) if with_drift else None
+    s0 = math.sqrt(lambda_null / N_OLD)
+    # λ_∅ tr(X C Xᵀ) with C = K0 K0ᵀ / n0 is ‖√(λ_∅/n0) · Y Uᵀ K0‖² (any C, not only P's own covariance);
+    # with drift it is ‖√(λ_∅/n0) · (Y Uᵀ + D) K0‖², i.e. the target of that block is −√(λ_∅/n0) D K0
+    old_target = -s0 * D @ K0 if with_drift else z(D_OUT, N_OLD, dtype=torch.float64)
     Y = _lstsq_rows(
-        [
-            U.T @ K,
-            U.T @ Kp,
-            math.sqrt(alpha) * torch.eye(r, dtype=torch.float64),
-            math.sqrt(lambda_null / N_OLD) * U.T @ K0,
-        ],
-        [
-            R,
-            z(D_OUT, N_PREV, dtype=torch.float64),
-            z(D_OUT, r, dtype=torch.float64),
-            z(D_OUT, N_OLD, dtype=torch.float64),
-        ],
+        [U.T @ K, U.T @ Kp, math.sqrt(alpha) * torch.eye(r, dtype=torch.float64), s0 * U.T @ K0],
+        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, r, dtype=torch.float64), old_target],
     )
     ref = Y @ U.T
-    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha, C, lambda_null)
+    dW = alphaedit_update(K, R, P, Kp @ Kp.T, alpha, C, lambda_null, D=D)
     assert torch.allclose(dW, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
     assert torch.allclose(dW @ P, dW, atol=1e-12)
+    if with_drift:  # the drift term changes the answer
+        assert not torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, alpha, C, lambda_null), rtol=1e-3)
     # The same X from the min-norm lstsq over Δ itself on [P K, P Kp, √α P] (the min-norm Δ lies in range(P)).
     ref2 = _lstsq_rows(
-        [P @ K, P @ Kp, math.sqrt(alpha) * P, math.sqrt(lambda_null / N_OLD) * P @ K0],
-        [
-            R,
-            z(D_OUT, N_PREV, dtype=torch.float64),
-            z(D_OUT, D_IN, dtype=torch.float64),
-            z(D_OUT, N_OLD, dtype=torch.float64),
-        ],
+        [P @ K, P @ Kp, math.sqrt(alpha) * P, s0 * P @ K0],
+        [R, z(D_OUT, N_PREV, dtype=torch.float64), z(D_OUT, D_IN, dtype=torch.float64), old_target],
     )
     assert torch.allclose(dW, ref2 @ P, rtol=1e-7, atol=1e-9 * ref.abs().max())
 
     def objective(X):
         X = X @ P
         fit = ((X @ K - R) ** 2).sum() + alpha * (X**2).sum() + ((X @ Kp) ** 2).sum()
-        return fit + lambda_null * torch.trace(X @ C @ X.T)
+        total = X if D is None else X + D
+        return fit + lambda_null * torch.trace(total @ C @ total.T)
 
     for s in range(3):
         E = torch.randn(D_OUT, D_IN, generator=_gen(20 + s), dtype=torch.float64) * 1e-3 * dW.abs().max()
@@ -646,9 +642,9 @@ def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeyp
     spec = METHODS["memit"]
     calls = []
 
-    def solve(K, R, C, state, cfg):
+    def solve(K, R, C, state, cfg, drift=None):
         calls.append(1)
-        dW = spec.solve(K, R, C, state, cfg)
+        dW = spec.solve(K, R, C, state, cfg, drift)
         return dW * float("nan") if len(calls) == 2 else dW
 
     monkeypatch.setitem(METHODS, "memit", dataclasses.replace(spec, solve=solve))
@@ -661,6 +657,52 @@ def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeyp
     for li in layers:
         assert torch.equal(lm.arch.get_weight(lm.model, li), before[li])
         assert not editor.state[li].KpKpT.any()  # the failed batch's keys did not join the state
+
+
+def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, monkeypatch):
+    """`null_drift`: each layer's solve gets D = W − W0 as it is before this batch touches it (zero on a fresh
+    model, the earlier batches' sum after them; W0 from `base` when the model was edited before), and the
+    registered solve subtracts λ_∅ D C P."""
+    lm = fresh_llama
+    layers = (0, 1)
+    spec = METHODS["default"]
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def solve(K, R, C, state, cfg, drift=None):
+        seen.append(drift.clone())
+        return spec.solve(K, R, C, state, cfg, drift)
+
+    monkeypatch.setitem(METHODS, "default", dataclasses.replace(spec, solve=solve))
+    stats = {
+        li: spectrum_covariance(lm.arch.get_weight(lm.model, 0).shape[1], large=96, seed=li)[0]
+        for li in layers
+    }
+    cfg = EditConfig(layers=layers, lambda_null=20.0, null_drift=True, values=ValueHParams(max_steps=2))
+    w0 = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    editor = Editor(lm, cfg, stats, prefixes=[], quiet=True)
+    first = editor.apply_batch(REQUESTS[:1])
+    assert first.deltas[0].abs().max() > 1e-4
+    assert all(not d.any() for d in seen)  # nothing drifted before the first batch
+    seen.clear()
+    w1 = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    editor.apply_batch(REQUESTS[1:2])
+    for li, d in zip(layers, seen):
+        assert torch.equal(d, lm.arch.to_out_in(w1[li] - w0[li]))  # = the first batch's ΔW, up to rounding
+        assert torch.allclose(d, lm.arch.to_out_in(first.deltas[li]), atol=1e-6)
+    # a later run on the edited model: W0 comes from `base` (the ledger's originals), not the current weights
+    seen.clear()
+    later = Editor(lm, cfg, stats, prefixes=[], quiet=True, base=w0)
+    now = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
+    later.apply_batch(REQUESTS[2:])
+    for li, d in zip(layers, seen):
+        assert torch.equal(d, lm.arch.to_out_in(now[li] - w0[li]))
+    # and the drift changes the solve (λ_∅ D C P is subtracted from R Kᵀ P)
+    K = torch.randn(stats[0].shape[0], 2, dtype=torch.float64)
+    R = torch.randn(seen[0].shape[0], 2, dtype=torch.float64)
+    state = later.state[0]
+    with_d = spec.solve(K, R, stats[0], state, cfg, seen[0])
+    without = spec.solve(K, R, stats[0], state, dataclasses.replace(cfg, null_drift=False), seen[0])
+    assert not torch.allclose(with_d, without, rtol=1e-3)
 
 
 def test_editor_method_registry_and_layer_checks(tiny_llama):

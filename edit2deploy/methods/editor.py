@@ -41,6 +41,9 @@ class EditConfig:
     # Weight of C inside the null space (λ_∅ C P in the AlphaEdit solve): the preserved keys' energy that the
     # threshold lets through is penalised as in MEMIT. 0: AlphaEdit as published.
     lambda_null: float = 0.0
+    # With λ_∅ > 0: penalise the whole drift W − W0 on the preserved keys, not only this batch's ΔW, so each
+    # batch also pulls back what earlier batches moved there (the solve's D term). False: per batch, as above.
+    null_drift: bool = False
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -92,21 +95,21 @@ class MethodSpec:
     """A registry entry: how a method solves for ΔW and which state it uses."""
 
     name: str
-    solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg) -> ΔW (d_out, d_in) float64
+    solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg, drift) -> ΔW (d_out, d_in) float64
     mpes: bool
     uses_projector: bool = False
     description: str = ""
 
 
-def _memit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+def _memit(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
     return memit_update(K, R, C, cfg.lambda_p)
 
 
-def _encore(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+def _encore(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
     return encore_update(K, R, C, state.KpKpT, cfg.lambda_p, cfg.lambda_n)
 
 
-def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
+def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
     return alphaedit_update(
         K,
         R,
@@ -117,6 +120,7 @@ def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig) -> torch.Tensor:
         cfg.lambda_null,
         P_KpKpT=state.projected_previous(),
         P_C=state.projected_covariance(C) if cfg.lambda_null else None,
+        D=drift if cfg.null_drift else None,
     )
 
 
@@ -182,6 +186,7 @@ class Editor:
         prefixes: Sequence[str],
         state: dict[int, LayerState] | None = None,
         quiet: bool = False,
+        base: dict[int, torch.Tensor] | None = None,
     ):
         self.lm, self.cfg, self.quiet = lm, cfg, quiet
         self.spec = method_spec(cfg.method)
@@ -197,6 +202,15 @@ class Editor:
                 self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
             if self.spec.uses_projector and self.state[li].null_basis is None:
                 self.state[li].null_basis = null_space_basis(stats[li], cfg.tau, cfg.tau_relative)
+        # W0 of each edited layer (stored layout) for `null_drift`: the caller's (an earlier run's originals),
+        # else the weights as they are now (nothing drifted yet).
+        self.base: dict[int, torch.Tensor] = {}
+        if cfg.null_drift:
+            base = base or {}
+            self.base = {
+                li: (base[li] if li in base else lm.arch.get_weight(lm.model, li)).detach().cpu().clone()
+                for li in self.layers
+            }
 
     def optimise(self, requests: Sequence[EditRequest]) -> ValueResult:
         """Target values z = h + δ for every request (in groups of `values.group`, default all at once)."""
@@ -247,7 +261,10 @@ class Editor:
                 if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
                     z = cur_z + delta.to(cur_z.device)
                 R = (z - cur_z) / (len(self.layers) - i)
-                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg)
+                drift = None
+                if li in self.base:  # earlier batches' W − W0 (this batch has not touched layer li yet)
+                    drift = arch.to_out_in(arch.get_weight(lm.model, li).detach().cpu() - self.base[li])
+                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg, drift)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
                         f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"

@@ -43,6 +43,7 @@ def alphaedit_update(
     lambda_null: float = 0.0,
     P_KpKpT: torch.Tensor | None = None,
     P_C: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0 in the paper).
 
@@ -50,6 +51,9 @@ def alphaedit_update(
     λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
     that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere.
     `P_KpKpT`, `P_C`: P Kp Kpᵀ and P C when the caller keeps them across batches (else formed here).
+    `D` (d_out, d_in): the earlier batches' drift W − W0; the λ_∅ penalty then counts the whole drift on the
+    preserved keys, λ_∅ tr((D + ΔW) C (D + ΔW)ᵀ), which adds −λ_∅ D C P to R Kᵀ P: each batch pulls part of
+    what earlier ones moved on the preserved keys back, against ‖ΔW Kp‖ which keeps earlier edits.
     """
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
@@ -65,7 +69,10 @@ def alphaedit_update(
                 raise ValueError("lambda_null needs the key covariance C")
             P_C = P @ C.to(torch.float64)
         A = A + lambda_null * P_C.to(torch.float64)
-    return torch.linalg.solve(A, PK @ R.T).T
+    B = PK @ R.T
+    if lambda_null and D is not None:
+        B = B - lambda_null * (P_C.to(torch.float64) @ D.to(torch.float64).T)  # P C Dᵀ = (D C P)ᵀ
+    return torch.linalg.solve(A, B).T
 
 
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
