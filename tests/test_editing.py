@@ -666,7 +666,7 @@ def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, mo
     lm = fresh_llama
     layers = (0, 1)
     spec = METHODS["default"]
-    seen: list[tuple[int, torch.Tensor]] = []
+    seen: list[torch.Tensor] = []
 
     def solve(K, R, C, state, cfg, drift=None):
         seen.append(drift.clone())
