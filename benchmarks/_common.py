@@ -35,6 +35,8 @@ def speed_variants(base):
         "no-mpes": replace(base, method="alphaedit"),
         # The same engine with torch's stock fp32 matmuls (MKL's sgemm) instead of oneDNN's packed linears.
         "batched-stock-matmul": replace(base, values=replace(v, onednn=False)),
+        # float32 even where the CPU multiplies bf16 natively (AMX): what the bf16 autocast buys.
+        "batched-fp32": replace(base, values=replace(v, dtype="float32")),
     }
 
 

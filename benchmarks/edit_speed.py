@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="batched,one-at-a-time",
-        help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, batched-stock-matmul, no-mpes, reference-procedure",
+        help="comma list: batched, one-at-a-time, one-at-a-time-whole-rows, batched-whole-rows, batched-stock-matmul, batched-fp32, no-mpes, reference-procedure",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)

@@ -57,39 +57,43 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout, reordered once instead of at every call."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 512)
+def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout (in `dtype`), reordered once instead of at every call."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous(), 512)
 
 
 class _PackedLinear:
-    """A frozen linear's weight packed for oneDNN: W for forwards, Wᵀ (packed on first use) for the input
-    gradient dx = dy W."""
+    """A frozen linear's weight packed for oneDNN in `dtype`: W for forwards, Wᵀ (packed on first use) for
+    the input gradient dx = dy W."""
 
-    def __init__(self, lin: torch.nn.Linear):
+    def __init__(self, lin: torch.nn.Linear, dtype: torch.dtype = torch.float32):
         self.source = lin.weight
-        self.bias = lin.bias
-        self.weight = _pack(lin.weight)
+        self.dtype = dtype
+        self.bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+        self.weight = _pack(lin.weight, dtype)
         self._weight_t: torch.Tensor | None = None
 
     @property
     def weight_t(self) -> torch.Tensor:
         if self._weight_t is None:
-            self._weight_t = _pack(self.source.t())
+            self._weight_t = _pack(self.source.t(), self.dtype)
         return self._weight_t
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """y = x Wᵀ + b with W fixed, through oneDNN both ways; no weight gradient."""
+    """y = x Wᵀ + b with W fixed, through oneDNN both ways; no weight gradient. With a bf16 pack the
+    product runs in bf16 (fp32 accumulation) and its input and output stay float32, so only the linears
+    change precision — as under autocast, without re-casting every weight at every call."""
 
     @staticmethod
     def forward(ctx, x, packed):
         ctx.packed = packed
-        return _onednn_linear(x, packed.weight, packed.bias)
+        return _onednn_linear(x.to(packed.dtype), packed.weight, packed.bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _onednn_linear(grad.contiguous(), ctx.packed.weight_t, None), None
+        dt = ctx.packed.dtype
+        return _onednn_linear(grad.to(dt).contiguous(), ctx.packed.weight_t, None).to(grad.dtype), None
 
 
 def onednn_available() -> bool:
@@ -97,12 +101,16 @@ def onednn_available() -> bool:
 
 
 @contextlib.contextmanager
-def frozen_linears_on_onednn(modules: list[torch.nn.Module]) -> Iterator[None]:
+def frozen_linears_on_onednn(
+    modules: list[torch.nn.Module], dtype: torch.dtype = torch.float32
+) -> Iterator[None]:
     """Inside: every frozen float32 CPU `nn.Linear` (the class itself) under `modules` multiplies through oneDNN with its
-    weight packed once (the weights must not change inside).
+    weight packed once, in `dtype` (the weights must not change inside).
 
     Why: MKL's sgemm takes a generic path on AMD CPUs; oneDNN runs the same fp32 products 10-20% faster
-    there (benchmarks/RESULTS.md). Only the summation order changes. Autocast and weights that need
+    there (benchmarks/RESULTS.md), and only the summation order changes. `dtype=torch.bfloat16` packs the
+    weights in bf16 for CPUs that multiply it natively (AMX): the products then run ~9x the fp32 rate with
+    no per-call weight cast, which CPU autocast pays at every call. Autocast and weights that need
     gradients keep the stock path; without oneDNN this does nothing.
     """
     patched: list[torch.nn.Linear] = []
@@ -115,7 +123,7 @@ def frozen_linears_on_onednn(modules: list[torch.nn.Module]) -> Iterator[None]:
                 w = lin.weight
                 if w.requires_grad or w.dtype != torch.float32 or w.device.type != "cpu":
                     continue
-                lin.forward = _frozen_forward(lin, _PackedLinear(lin))
+                lin.forward = _frozen_forward(lin, _PackedLinear(lin, dtype))
                 patched.append(lin)
     try:
         yield

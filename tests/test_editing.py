@@ -476,6 +476,46 @@ def test_frozen_linears_on_onednn_match_the_stock_path(tiny_llama):
 
 
 @pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_bf16_packed_linears_match_fp32_to_bf16_precision(tiny_llama):
+    """With bf16 packs the frozen linears take and return float32 and agree with the fp32 product (forward and
+    input gradient) to bf16 precision, as autocast's bf16 linears do."""
+    torch.manual_seed(0)
+    block = tiny_llama.model.get_submodule(tiny_llama.arch.block_name(1))
+    lin = block.mlp.down_proj
+    x = torch.randn(4, 7, lin.in_features, requires_grad=True)
+    ref = lin(x)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = lin(x).float()
+    with frozen_linears_on_onednn([block], torch.bfloat16):
+        fast = lin(x)
+        (g_fast,) = torch.autograd.grad(fast.pow(2).sum(), x)
+    assert fast.dtype == torch.float32 and g_fast.dtype == torch.float32
+
+    def rel(a, b):
+        return float((a - b).detach().norm() / b.detach().norm())
+
+    assert 0 < rel(fast, ref) < 1e-2 and rel(g_fast, g_ref) < 2e-2
+    assert rel(fast, ref) < 2 * rel(auto, ref) + 1e-3  # no worse than autocast's bf16
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_bf16_values_through_packed_linears_match_autocast(tiny_model_dir):
+    """bf16 z-optimisation through bf16-packed oneDNN linears reaches the δ of bf16 autocast (same precision of
+    the products, the rest in float32) and of float32 to bf16 precision."""
+    lm = open_model(tiny_model_dir("llama", layers=4))
+    templates = context_templates(PREFIXES)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=False, loss_stop=0.0, dtype="bfloat16")
+    packed = _z(lm, REQUESTS, templates, hp, 1)
+    auto = _z(lm, REQUESTS, templates, dataclasses.replace(hp, onednn=False), 1)
+    fp32 = _z(lm, REQUESTS, templates, dataclasses.replace(hp, dtype="float32"), 1)
+    assert packed.steps == auto.steps == fp32.steps
+    assert fp32.delta.abs().max() > 1e-3
+    for other in (auto, fp32):
+        assert float((packed.delta - other.delta).norm() / other.delta.norm()) < 5e-2
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_onednn_values_equal_the_stock_path(tiny_model_dir, family):
     """z-optimisation through oneDNN's linears takes the same steps to the same δ as the stock matmuls."""

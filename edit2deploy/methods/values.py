@@ -19,7 +19,13 @@ from transformers import DynamicCache
 
 from ..arch import head_logits
 from ..checks import continuation
-from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
+from ..forward import (
+    StopForward,
+    frozen_linears_on_onednn,
+    onednn_available,
+    replay_lower_blocks,
+    run_until_stop,
+)
 from ..models import LoadedModel
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch
@@ -40,9 +46,10 @@ class ValueHParams:
     # Hardening: > 0 also demands mean log p(target_new) − mean log p(target_true) ≥ margin (nats per token) in
     # every context, with a hinge loss toward it; a request is done only when every context clears it.
     margin: float = 0.0
-    # Matmul precision while optimising δ: "auto" = bfloat16 autocast on CUDA and on CPUs with native bf16
-    # (AMX / AVX512-BF16: ~15x the fp32 matmul rate here), else float32. z = h + δ is formed with the
-    # fp32 h, and keys, statistics and solves are always full precision.
+    # Matmul precision while optimising δ: "auto" = bfloat16 on CUDA (autocast) and on CPUs with native bf16
+    # (AMX / AVX512-BF16: ~9x the fp32 matmul rate; with `onednn` only the frozen linears run in bf16, from
+    # weights packed once), else float32. z = h + δ is formed with the fp32 h, and keys, statistics and
+    # solves are always full precision.
     dtype: str = "auto"
     # Run each step on the tokens from the subject on, attending to cached keys/values of the tokens before
     # it (exact; ~3x fewer tokens per step on CounterFact). False: whole rows, lower blocks replayed.
@@ -50,8 +57,9 @@ class ValueHParams:
     # Rows of a step are grouped so a group's padded tokens are ≤ (1 + bucket_waste) × its real tokens:
     # more waste, fewer and larger forwards (matmul efficiency vs padding).
     bucket_waste: float = 0.15
-    # float32 on CPU: the model's frozen linears (blocks and head) multiply through oneDNN during z-optimisation
-    # and key passes, the same products faster than MKL's sgemm on AVX2 AMD cores (benchmarks/RESULTS.md).
+    # On CPU the model's frozen linears (blocks and head) multiply through oneDNN with their weights packed once,
+    # during z-optimisation (in `dtype`'s precision) and key passes (float32): faster than MKL's sgemm on AVX2
+    # AMD cores and than bf16 autocast on AMX cores (benchmarks/RESULTS.md).
     onednn: bool = True
 
 
@@ -349,9 +357,14 @@ def optimise_values(
     quiet: bool = False,
 ) -> ValueResult:
     """Find z = h + δ per request so that the model says `target_new` from every context."""
-    fast = hp.onednn and autocast_dtype(hp.dtype, next(lm.model.parameters()).device) is None
-    with frozen_linears_on_onednn([lm.model] if fast else []):
-        return _optimise_values(lm, requests, templates, z_layer, hp, quiet)
+    device = next(lm.model.parameters()).device
+    cast = autocast_dtype(hp.dtype, device)
+    if hp.onednn and device.type == "cpu" and onednn_available():
+        # The frozen linears carry the chosen matmul precision themselves (bf16 packs on AMX CPUs: faster
+        # than autocast, which re-casts every weight at every call); everything else stays float32.
+        with frozen_linears_on_onednn([lm.model], cast or torch.float32):
+            return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=None)
+    return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=cast)
 
 
 def _optimise_values(
@@ -361,7 +374,9 @@ def _optimise_values(
     z_layer: int,
     hp: ValueHParams,
     quiet: bool,
+    cast: torch.dtype | None,
 ) -> ValueResult:
+    """`cast`: the autocast dtype around forwards and head (None: none)."""
     model = lm.model
     use_margin = hp.margin > 0
     rows = build_rows(lm, requests, templates, with_true=use_margin)
@@ -378,7 +393,6 @@ def _optimise_values(
     steps = [0] * n
     converged = [False] * n
     bar = tqdm(total=n, desc="z-optimisation", unit="req", disable=quiet)
-    cast = autocast_dtype(hp.dtype, device)
     batch.prepare(h_init)
 
     for step in range(hp.max_steps + 1):
