@@ -33,9 +33,10 @@ def speed_variants(base):
         "batched-whole-rows": replace(base, values=replace(v, prefix_cache=False)),
         # AlphaEdit's own stop (ROME's loss threshold) instead of MPES: the MPES saving, side by side.
         "no-mpes": replace(base, method="alphaedit"),
-        # The same engine with torch's stock fp32 matmuls (MKL's sgemm) instead of oneDNN's packed linears.
+        # The same engine with torch's stock matmuls (MKL's sgemm in float32; autocast where bf16 is chosen)
+        # instead of oneDNN's packed linears.
         "batched-stock-matmul": replace(base, values=replace(v, onednn=False)),
-        # float32 even where the CPU multiplies bf16 natively (AMX): what the bf16 autocast buys.
+        # float32 even where the CPU multiplies bf16 natively (AMX): what the bf16-packed linears buy.
         "batched-fp32": replace(base, values=replace(v, dtype="float32")),
     }
 

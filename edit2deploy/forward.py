@@ -96,8 +96,13 @@ class _FrozenLinear(torch.autograd.Function):
         return _onednn_linear(grad.to(dt).contiguous(), ctx.packed.weight_t, None).to(grad.dtype), None
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether frozen linears can run through oneDNN in `dtype` (bf16 needs a CPU that oneDNN multiplies it on)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 @contextlib.contextmanager
@@ -114,7 +119,7 @@ def frozen_linears_on_onednn(
     gradients keep the stock path; without oneDNN this does nothing.
     """
     patched: list[torch.nn.Linear] = []
-    if onednn_available():
+    if onednn_available(dtype):
         for m in modules:
             for lin in m.modules():
                 # Exactly nn.Linear: subclasses (bitsandbytes, quantizers) have their own forward.

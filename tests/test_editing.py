@@ -475,7 +475,7 @@ def test_frozen_linears_on_onednn_match_the_stock_path(tiny_llama):
     assert torch.allclose(y_fast, y_stock, atol=1e-5)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
 def test_bf16_packed_linears_match_fp32_to_bf16_precision(tiny_llama):
     """With bf16 packs the frozen linears take and return float32 and agree with the fp32 product (forward and
     input gradient) to bf16 precision, as autocast's bf16 linears do."""
@@ -499,7 +499,7 @@ def test_bf16_packed_linears_match_fp32_to_bf16_precision(tiny_llama):
     assert rel(fast, ref) < 2 * rel(auto, ref) + 1e-3  # no worse than autocast's bf16
 
 
-@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
 def test_bf16_values_through_packed_linears_match_autocast(tiny_model_dir):
     """bf16 z-optimisation through bf16-packed oneDNN linears reaches the δ of bf16 autocast (same precision of
     the products, the rest in float32) and of float32 to bf16 precision."""
@@ -513,6 +513,21 @@ def test_bf16_values_through_packed_linears_match_autocast(tiny_model_dir):
     assert fp32.delta.abs().max() > 1e-3
     for other in (auto, fp32):
         assert float((packed.delta - other.delta).norm() / other.delta.norm()) < 5e-2
+
+
+def test_bf16_values_fall_back_to_autocast_without_onednn_bf16(tiny_model_dir, monkeypatch):
+    """On a CPU where oneDNN has no bf16 (AVX2 only), bf16 z-optimisation runs under autocast: the same δ as
+    with oneDNN turned off."""
+    import edit2deploy.methods.values as values_mod
+
+    lm = open_model(tiny_model_dir("llama", layers=4))
+    templates = context_templates(PREFIXES)
+    hp = ValueHParams(lr=0.05, max_steps=3, mpes=False, loss_stop=0.0, dtype="bfloat16")
+    stock = _z(lm, REQUESTS, templates, dataclasses.replace(hp, onednn=False), 1)
+    monkeypatch.setattr(values_mod, "onednn_available", lambda dtype=torch.float32: dtype == torch.float32)
+    fallback = _z(lm, REQUESTS, templates, hp, 1)
+    assert stock.delta.abs().max() > 1e-3
+    assert torch.equal(fallback.delta, stock.delta) and fallback.steps == stock.steps
 
 
 @pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")

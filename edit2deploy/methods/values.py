@@ -359,10 +359,12 @@ def optimise_values(
     """Find z = h + δ per request so that the model says `target_new` from every context."""
     device = next(lm.model.parameters()).device
     cast = autocast_dtype(hp.dtype, device)
-    if hp.onednn and device.type == "cpu" and onednn_available():
+    linear_dtype = cast or torch.float32
+    if hp.onednn and device.type == "cpu" and onednn_available(linear_dtype):
         # The frozen linears carry the chosen matmul precision themselves (bf16 packs on AMX CPUs: faster
         # than autocast, which re-casts every weight at every call); everything else stays float32.
-        with frozen_linears_on_onednn([lm.model], cast or torch.float32):
+        # Without oneDNN support for that precision, autocast (bf16) or the stock path (fp32) instead.
+        with frozen_linears_on_onednn([lm.model], linear_dtype):
             return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=None)
     return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=cast)
 
