@@ -125,7 +125,7 @@ def main() -> None:
         cfg = edit_config_from({**overrides, "method": method, "layers": args.layers}, "--set")
         lm = open_model("smollm2-135m", device=args.device)
         editor, ledger, stats_s = prepare_editor(lm, cfg, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
-        curve = []
+        curve, retried = [], []
         t0 = time.perf_counter()
         edit_s = 0.0
         for b in range(0, len(requests), args.batch_size):
@@ -137,6 +137,15 @@ def main() -> None:
             if run.failed:
                 print(f"  {method}: batch failed: {run.failed['error']}")
                 break
+            retry = run.batches[-1].get("retry")
+            if retry is not None:
+                tried = [len(r["retried"]) for r in retry["rounds"]]
+                retried.append(
+                    {"batch": b // args.batch_size + 1, "retried": tried, "failed": len(retry["failed"])}
+                )
+                print(
+                    f"  {method}: batch {retried[-1]['batch']}: retried {tried}, still failing {len(retry['failed'])}"
+                )
             nb = b // args.batch_size + 1
             last = b + args.batch_size >= len(requests)
             if last or (args.eval_every and nb % args.eval_every == 0):
@@ -151,7 +160,12 @@ def main() -> None:
                     flush=True,
                 )
         final = curve[-1]
-        results["methods"][method] = {"curve": curve, "edit_seconds": edit_s, "stats_seconds": stats_s}
+        results["methods"][method] = {
+            "curve": curve,
+            "edit_seconds": edit_s,
+            "stats_seconds": stats_s,
+            "retry": retried,
+        }
         norms = " ".join(f"{v:.1f}" for v in final["norms"].values())
         rows.append(
             [

@@ -16,6 +16,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -147,6 +157,12 @@ def _add_edit(sub) -> Callable:
     )
     p.add_argument("--n-tokens", type=int, default=None, help="tokens of statistics corpus (default 100,000)")
     p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
+    p.add_argument(
+        "--retry-rounds",
+        type=_count,
+        default=None,
+        help="re-solve each batch up to N more times for edits that did not take (default 0)",
+    )
     p.add_argument("--limit", type=_positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -230,6 +246,8 @@ def _edit_config(args: argparse.Namespace):
         overrides["method"] = args.method
     if args.layers:
         overrides["layers"] = ",".join(map(str, parse_layers(args.layers)))
+    if getattr(args, "retry_rounds", None) is not None:
+        overrides["retry_rounds"] = args.retry_rounds
     return edit_config_from(overrides, "command line", cfg) if overrides else cfg
 
 
@@ -262,6 +280,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "seconds": b["seconds"],
                 "timings": b["timings"],
                 "fro_from_original": {k: v["fro_from_original"] for k, v in b["tensors"].items()},
+                **({"retry": b["retry"]} if "retry" in b else {}),
             }
             for b in run.batches
         ],
@@ -289,6 +308,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)"
             )
         for b in run.batches:
+            if "retry" in b:
+                print_retry(b["id"], b["retry"])
             if "hardening" in b:
                 print_hardening(b["id"], b["hardening"])
         if run.out:
@@ -300,6 +321,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def print_retry(batch_id: str, rec: dict) -> None:
+    """What the retry rounds of one batch did: how many edits each round re-solved, which still fail."""
+    tried = ", ".join(str(len(r["retried"])) for r in rec["rounds"]) or "none needed"
+    line = f"retry {batch_id}: edits re-solved per round: {tried}; still failing: {len(rec['failed'])}"
+    if rec["failed"]:
+        line += " (" + ", ".join(rec["failed"][:10]) + (", ..." if len(rec["failed"]) > 10 else "") + ")"
+    print(line)
 
 
 def print_hardening(batch_id: str, rec: dict) -> None:

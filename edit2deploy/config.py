@@ -37,10 +37,14 @@ def _typed(where: str, name: str, value, default):
     if isinstance(default, int) and not isinstance(default, bool):
         if not isinstance(value, int) or isinstance(value, bool):
             raise UsageError(f"{where}: field '{name}': expected an integer")
+        if value < 0:  # every count and weight of an edit config is non-negative
+            raise UsageError(f"{where}: field '{name}': expected an integer ≥ 0, got {value}")
         return value
     if isinstance(default, float):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise UsageError(f"{where}: field '{name}': expected a number")
+        if value < 0:
+            raise UsageError(f"{where}: field '{name}': expected a number ≥ 0, got {value}")
         return float(value)
     return value
 

@@ -170,6 +170,8 @@ def apply_requests(
         }
         if report.hardening is not None:
             record["hardening"] = report.hardening
+        if report.retry is not None:
+            record["retry"] = report.retry
         ledger.add_batch(record, tensors, {names[li]: before[li] for li in editor.layers})
         run.batches.append(record)
     _state_into_ledger(ledger, editor.state)

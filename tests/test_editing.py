@@ -5,6 +5,7 @@ batch atomicity, and the `edit` command's usage errors. Ends with one real edit 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 
@@ -358,6 +359,7 @@ REQUESTS = [
     EditRequest(prompt="{} plays the sport of", subject="Lionel Messi", target_new="ice hockey", id="c"),
 ]
 PREFIXES = ["Because it rained all day", "The weather"]
+RETRY_CASES = 12  # CounterFact val cases of the real-model retry test
 
 
 @pytest.fixture(scope="module")
@@ -714,6 +716,44 @@ def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeyp
         assert not editor.state[li].KpKpT.any()  # the failed batch's keys did not join the state
 
 
+def test_editor_retry_resolves_failed_edits_from_the_pre_batch_weights(tiny_model_dir):
+    """`retry_rounds`: edits that fail after the solve get more δ (optimised on the edited model) and the batch
+    is solved again from the pre-batch weights: what is applied is that last solve alone and the method state
+    holds the batch's keys once (that it makes edits take is checked on SmolLM2, below)."""
+    from edit2deploy.methods.retry import failed_edits
+
+    layers = (0, 1)
+    # a heavy λ_p and few steps: the solve reaches only part of each target, so edits fail
+    hp = ValueHParams(max_steps=3, mpes=True, dtype="float32")
+    cfg = EditConfig(method="memit", layers=layers, lambda_p=30.0, values=hp)
+    plain_lm = open_model(tiny_model_dir("llama"))
+    plain = Editor(plain_lm, cfg, _identity_stats(plain_lm, layers), prefixes=PREFIXES, quiet=True)
+    report = plain.apply_batch(REQUESTS)
+    assert report.retry is None and "retry" not in report.timings
+    failing = [REQUESTS[i].id for i in failed_edits(plain, REQUESTS)]
+    assert failing  # the precondition: something to retry
+
+    lm = open_model(tiny_model_dir("llama"))
+    editor = Editor(
+        lm,
+        dataclasses.replace(cfg, retry_rounds=2),
+        _identity_stats(lm, layers),
+        prefixes=PREFIXES,
+        quiet=True,
+    )
+    before = editor.weights()
+    report = editor.apply_batch(REQUESTS)
+    rounds = report.retry["rounds"]
+    assert rounds and rounds[0]["retried"] == failing  # the same first solve, then the failed ones again
+    assert len(rounds[0]["steps"]) == len(failing) and report.timings["retry"] > 0
+    assert report.retry["failed"] == [REQUESTS[i].id for i in failed_edits(editor, REQUESTS)]
+    for li in layers:
+        W = lm.arch.get_weight(lm.model, li)
+        assert torch.equal(W, before[li] + report.deltas[li])  # the last solve, from the pre-batch weights
+        K = report.keys[li].double()
+        assert torch.allclose(editor.state[li].KpKpT, K @ K.T)  # the batch's keys counted once
+
+
 def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, monkeypatch):
     """`null_drift`: each layer's solve gets D = W − W0 as it is before this batch touches it (zero on a fresh
     model, the earlier batches' sum after them; W0 from `base` when the model was edited before), and the
@@ -817,6 +857,8 @@ def test_edit_config_from_table():
         ({"max_steps": True}, "field 'max_steps': expected an integer"),
         ({"alpha": "ten"}, "field 'alpha': expected a number"),
         ({"mpes": 1}, "field 'mpes': expected true or false"),
+        ({"retry_rounds": -1}, "field 'retry_rounds': expected an integer ≥ 0, got -1"),
+        ({"lambda_null": -5.0}, "field 'lambda_null': expected a number ≥ 0"),
     ]:
         with pytest.raises(UsageError, match=msg) as exc:
             edit_config_from(table, "x.toml")
@@ -867,6 +909,9 @@ EDIT_USAGE_ERRORS = [
     ("toml:[editing]\nmethod = 'memit'\n", "unknown table"),
     (["--config", "/nonexistent/cfg.toml"], "file not found"),
     (["--method"], "expected one argument"),
+    (["--retry-rounds", "-1"], "expected an integer ≥ 0, got -1"),
+    ("toml:[edit]\nretry_rounds = -2\n", "field 'retry_rounds': expected an integer ≥ 0"),
+    ("toml:[edit]\nalpha = -1.0\n", "field 'alpha': expected a number ≥ 0"),
 ]
 
 
@@ -956,3 +1001,41 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     rec = run.batches[0]
     assert all(rec["converged"]), rec["steps"]  # MPES stopped every request once its target was top-1
     assert all(s < 25 for s in rec["steps"])
+
+
+@pytest.mark.slow
+def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
+    """With a regulariser strong enough that some CounterFact edits do not take in one solve (λ_∅ 10,000), two
+    retry rounds leave fewer failing, and the ledger's record of what still fails matches the edited model."""
+    from edit2deploy.checks import probes_for, run_probes
+    from edit2deploy.editing import edit_model
+    from edit2deploy.requests import load_requests
+    from edit2deploy.scoring import TorchScorer
+
+    requests = load_requests(COUNTERFACT_VAL, limit=RETRY_CASES)
+    corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    cfg = EditConfig(layers=(4, 5, 6, 7, 8), lambda_null=10_000.0, retry_rounds=2)
+    run = edit_model(
+        "smollm2-135m", requests, tmp_path / "out", cfg=cfg, corpus=corpus, n_tokens=20_000, quiet=True
+    )
+    retry = run.batches[0]["retry"]
+    first = retry["rounds"][0]["retried"]
+    assert first, "precondition: some edits fail after the first solve"
+    assert len(retry["failed"]) < len(first), retry
+    edited = open_model(run.out)
+    results = run_probes(TorchScorer(edited.model, edited.tokenizer), probes_for(requests, ["edit"]))
+    assert sorted(r.probe.request_id for r in results if not r.success) == sorted(retry["failed"])
+
+
+def test_edit_retry_rounds_flag_reaches_the_ledger(cli_env, capsys):
+    """`edit --retry-rounds N` sets the config's retry_rounds; the batch summary and the ledger record say what
+    the rounds did (on a tiny random model the edit rarely takes, so there is something to retry)."""
+    from edit2deploy.ledger import Ledger
+
+    rc = _edit_cli(cli_env, "--retry-rounds", "1", "--n-tokens", "2000", "--json")
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    retry = summary["batches"][0]["retry"]
+    assert set(retry) == {"rounds", "failed"} and len(retry["rounds"]) <= 1
+    record = Ledger.load(cli_env["out"]).records[-1]
+    assert record["config"]["retry_rounds"] == 1 and record["retry"] == retry

@@ -17,6 +17,7 @@ from ..errors import NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
 from .keys import KeyPasses, context_templates
+from .retry import resolve_failed
 from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
 from .values import ValueHParams, ValueResult, optimise_values
 
@@ -44,6 +45,9 @@ class EditConfig:
     # With λ_∅ > 0: penalise the whole drift W − W0 on the preserved keys, not only this batch's ΔW, so each
     # batch also pulls back what earlier batches moved there (the solve's D term). False: per batch, as above.
     null_drift: bool = False
+    # Re-solve rounds per batch for requests whose edit prompt still fails after the solve (methods/retry.py):
+    # their δ is optimised further on the edited model and the batch is solved again. 0: one solve, as published.
+    retry_rounds: int = 0
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -159,6 +163,7 @@ class BatchReport:
     converged: list[bool]
     timings: dict[str, float]
     hardening: dict | None = None  # what quantization-aware hardening did (ledger record)
+    retry: dict | None = None  # which failed edits were re-solved (ledger record)
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -294,6 +299,17 @@ class Editor:
         timings["z"] = time.perf_counter() - t0
         originals = self.weights()
         deltas, keys = self.solve(requests, values.delta, timings)
+        retry = None
+        if cfg_rounds := self.cfg.retry_rounds:
+            t = time.perf_counter()
+            try:
+                deltas, keys, retry = resolve_failed(
+                    self, requests, values, originals, deltas, keys, timings, cfg_rounds
+                )
+            except BaseException:
+                self.restore(originals)
+                raise
+            timings["retry"] = time.perf_counter() - t
         hardening = None
         if harden is not None:
             t = time.perf_counter()
@@ -304,4 +320,4 @@ class Editor:
                 raise
             timings["harden"] = time.perf_counter() - t
         self.add_previous_keys(keys)
-        return BatchReport(deltas, keys, values.steps, values.converged, timings, hardening)
+        return BatchReport(deltas, keys, values.steps, values.converged, timings, hardening, retry)

@@ -1,0 +1,70 @@
+"""Re-solving the edits of a batch that did not take (`retry_rounds`).
+
+The solve reaches only part of each target value: the α / λ_∅ terms and the previous keys pull against it,
+and MPES stops δ as soon as the target is just the argmax. With a strong regulariser (e.g. λ_∅ in the
+thousands, which is what keeps perplexity down over many sequential edits) some requests of a batch end up
+not edited at all. After the solve, each request's edit prompt is scored on the edited model; for every
+request whose new target does not beat the true answer (or, without a true answer, is not greedy-decoded),
+δ is optimised again *on the edited model* (starting from its hidden state, so it adds what is missing),
+added to the request's δ, and the whole batch is solved again from the pre-batch weights — up to `rounds`
+times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay out of the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..checks import probes_for, run_probes
+from ..requests import EditRequest
+from ..scoring import TorchScorer
+from .values import ValueResult, optimise_values
+
+if TYPE_CHECKING:
+    from .editor import Editor
+
+
+def failed_edits(editor: Editor, requests: Sequence[EditRequest]) -> list[int]:
+    """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion)."""
+    lm = editor.lm
+    results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, ("edit",)))
+    return [i for i, r in enumerate(results) if not r.success]
+
+
+def resolve_failed(
+    editor: Editor,
+    requests: Sequence[EditRequest],
+    values: ValueResult,
+    originals: dict[int, torch.Tensor],
+    deltas: dict[int, torch.Tensor],
+    keys: dict[int, torch.Tensor],
+    timings: dict[str, float],
+    rounds: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict]:
+    """Up to `rounds` re-solves of the batch with more δ for its failed edits; returns the deltas and keys
+    as applied and a ledger record (`rounds`: the request ids retried in each; `failed`: those still failing)."""
+    ids = [r.id for r in requests]
+    delta = values.delta.clone()
+    record: dict = {"rounds": [], "failed": []}
+    failing = failed_edits(editor, requests)
+    for _ in range(rounds):
+        if not failing:
+            break
+        extra = optimise_values(
+            editor.lm,
+            [requests[i] for i in failing],
+            editor.templates,
+            editor.layers[-1],
+            editor.cfg.values,
+            quiet=True,
+        )
+        for j, ri in enumerate(failing):
+            delta[:, ri] += extra.delta[:, j].to(delta.dtype)
+        editor.restore(originals)
+        deltas, keys = editor.solve(requests, delta, timings)
+        record["rounds"].append({"retried": [ids[i] for i in failing], "steps": extra.steps})
+        failing = failed_edits(editor, requests)
+    record["failed"] = [ids[i] for i in failing]
+    return deltas, keys, record
