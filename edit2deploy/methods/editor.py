@@ -300,12 +300,13 @@ class Editor:
         originals = self.weights()
         deltas, keys = self.solve(requests, values.delta, timings)
         retry = None
-        if cfg_rounds := self.cfg.retry_rounds:
+        if self.cfg.retry_rounds:
             t = time.perf_counter()
             try:
-                deltas, keys, retry = resolve_failed(
-                    self, requests, values, originals, deltas, keys, timings, cfg_rounds
+                deltas, keys, delta, retry = resolve_failed(
+                    self, requests, values, originals, deltas, keys, timings, self.cfg.retry_rounds
                 )
+                values = replace(values, delta=delta)  # hardening starts from the retried δ
             except BaseException:
                 self.restore(originals)
                 raise

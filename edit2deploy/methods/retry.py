@@ -42,9 +42,10 @@ def resolve_failed(
     keys: dict[int, torch.Tensor],
     timings: dict[str, float],
     rounds: int,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict]:
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor, dict]:
     """Up to `rounds` re-solves of the batch with more δ for its failed edits; returns the deltas and keys
-    as applied and a ledger record (`rounds`: the request ids retried in each; `failed`: those still failing)."""
+    as applied, the δ they were solved for, and a ledger record (`rounds`: the request ids retried in each;
+    `failed`: those still failing)."""
     ids = [r.id for r in requests]
     delta = values.delta.clone()
     record: dict = {"rounds": [], "failed": []}
@@ -67,4 +68,4 @@ def resolve_failed(
         record["rounds"].append({"retried": [ids[i] for i in failing], "steps": extra.steps})
         failing = failed_edits(editor, requests)
     record["failed"] = [ids[i] for i in failing]
-    return deltas, keys, record
+    return deltas, keys, delta, record
