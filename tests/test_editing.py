@@ -1039,3 +1039,33 @@ def test_edit_retry_rounds_flag_reaches_the_ledger(cli_env, capsys):
     assert set(retry) == {"rounds", "failed"} and len(retry["rounds"]) <= 1
     record = Ledger.load(cli_env["out"]).records[-1]
     assert record["config"]["retry_rounds"] == 1 and record["retry"] == retry
+
+
+def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, monkeypatch):
+    """With both, hardening re-solves from the δ the retry rounds ended with, not the first optimisation's."""
+    from edit2deploy.methods import retry as retry_mod
+
+    layers = (0, 1)
+    hp = ValueHParams(max_steps=3, mpes=True, dtype="float32")
+    cfg = EditConfig(method="memit", layers=layers, lambda_p=30.0, retry_rounds=1, values=hp)
+    lm = open_model(tiny_model_dir("llama"))
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True)
+    seen = {}
+    resolve = retry_mod.resolve_failed
+
+    def recording(*args, **kwargs):
+        out = resolve(*args, **kwargs)
+        seen["retried"] = out[2].clone()
+        return out
+
+    class Recorder:  # stands in for a Hardener: records the δ it is handed, changes nothing
+        def run(self, editor, requests, values, originals, deltas, keys, timings):
+            seen["hardened_from"] = values.delta.clone()
+            return deltas, keys, {}
+
+    import edit2deploy.methods.editor as editor_mod
+
+    monkeypatch.setattr(editor_mod, "resolve_failed", recording)
+    report = editor.apply_batch(REQUESTS, harden=Recorder())
+    assert report.retry["rounds"]  # something was retried, so the δ differ from the first optimisation's
+    assert torch.equal(seen["hardened_from"], seen["retried"])
