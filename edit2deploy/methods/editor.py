@@ -304,7 +304,7 @@ class Editor:
             t = time.perf_counter()
             try:
                 deltas, keys, delta, retry = resolve_failed(
-                    self, requests, values, originals, deltas, keys, timings, self.cfg.retry_rounds
+                    self, requests, values, originals, deltas, keys, self.cfg.retry_rounds
                 )
                 values = replace(values, delta=delta)  # hardening starts from the retried δ
             except BaseException:
