@@ -36,6 +36,7 @@ from edit2deploy.editing import prepare_editor
 from edit2deploy.methods.editor import Editor, check_layers
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
+from edit2deploy.stats import corpus_from_path, corpus_names
 
 
 def target_values(
@@ -116,12 +117,18 @@ def main() -> None:
     delta, z_s = target_values(editor, requests, args, z_layer)
     w0 = editor.weights()
     ppl0 = unedited["ppl"]
+
+    def names(cfg) -> list[str]:  # the corpus's names, as a real run keeps them in its ledger
+        if not cfg.neighbour_weight:
+            return []
+        return corpus_names(lm, ledger.state["base_fingerprint"], corpus_from_path(WIKITEXT), args.n_tokens)
+
     rows = [["unedited", "-", *(f"{unedited[m]:.0f}" for m in ("ES", "PS", "NS")), f"{ppl0:.2f}", "-", "-"]]
     results = []
     for spec in specs:
         over = overs[spec]
         cfg = edit_config_from({"layers": args.layers, **over}, "--set")
-        ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True)
+        ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True, names=names(cfg))
         timings: dict[str, float] = {}
         size = args.batch_size or len(requests)
         for i in range(0, len(requests), size):

@@ -24,7 +24,7 @@ from .methods.keys import generate_prefixes
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
 from .quantsim import QuantScheme, Simulation
 from .requests import EditRequest, load_requests
-from .stats import DEFAULT_N_TOKENS, corpus_from_path, key_stats
+from .stats import DEFAULT_N_TOKENS, corpus_from_path, corpus_names, key_stats
 
 
 @dataclass
@@ -103,6 +103,14 @@ def prepare_editor(
     stats = key_stats(
         lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
     )
+    names: list[str] = []
+    if cfg.neighbour_weight and cfg.neighbour_names:
+        # kept with the method state, so later batches and later runs draw neighbours from the same names
+        if "names" not in ledger.state:
+            ledger.state["names"] = corpus_names(
+                lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+            )
+        names = ledger.state["names"]
     stats_seconds = time.perf_counter() - t
     editor = Editor(
         lm,
@@ -112,6 +120,7 @@ def prepare_editor(
         state=_state_from_ledger(ledger, layers),
         quiet=quiet,
         base={li: ledger.originals[n] for li in layers if (n := lm.arch.weight_name(li)) in ledger.originals},
+        names=names,
     )
     return editor, ledger, stats_seconds
 

@@ -167,6 +167,99 @@ def generated_token_chunks(
     return chunks
 
 
+# ------------------------------------------------------------------ names (for neighbour keys)
+_SENTENCE_END = (".", "!", "?", ":", '"', "\n")
+MAX_NAMES = 5000
+
+
+def token_pieces(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = None) -> list[str]:
+    """Each token's text as the tokenizer decodes it alone (leading space included), memoised per id."""
+    cache = {} if cache is None else cache
+    out = []
+    for i in ids:
+        if i not in cache:
+            cache[i] = tokenizer.decode([int(i)])
+        out.append(cache[i])
+    return out
+
+
+def entity_spans(pieces: Sequence[str]) -> list[tuple[int, int]]:
+    """(first, last) token of each name: a run of capitalised words ("The Eiffel Tower", "Danielle
+    Darrieux") that is not just one sentence-initial word ("The", "However")."""
+    words: list[tuple[int, int, str]] = []  # (first token, last token, text)
+    for i, piece in enumerate(pieces):
+        if not piece:
+            continue
+        starts = not words or piece[0].isspace() or not piece[0].isalnum() or not words[-1][2][-1:].isalnum()
+        if starts:
+            words.append((i, i, piece.strip()))
+        else:
+            first, _, text = words[-1]
+            words[-1] = (first, i, text + piece)
+    spans = []
+    run_start = None  # index into `words` of the current capitalised run
+    for w, (_first, last, text) in enumerate(words):
+        capital = text[:1].isupper()
+        if capital and run_start is None:
+            run_start = w
+        nxt = words[w + 1][2] if w + 1 < len(words) else ""
+        if run_start is not None and not nxt[:1].isupper():
+            prev = words[run_start - 1][2] if run_start > 0 else "\n"
+            sentence_initial = not prev or prev.endswith(_SENTENCE_END) or prev in ("=", "@-@")
+            if w > run_start or not sentence_initial:
+                spans.append((words[run_start][0], last))
+            run_start = None
+        elif not capital:
+            run_start = None
+    return spans
+
+
+def names_in(lm: LoadedModel, chunks: Sequence[Sequence[int]], limit: int = MAX_NAMES) -> list[str]:
+    """The distinct names (`entity_spans`) of token chunks, in order of first appearance, at most `limit`."""
+    seen: dict[str, None] = {}
+    cache: dict[int, str] = {}
+    for ids in chunks:
+        pieces = token_pieces(lm.tokenizer, ids, cache)
+        for a, b in entity_spans(pieces):
+            name = lm.tokenizer.decode(list(ids[a : b + 1])).strip()
+            # "{" would read as a prompt placeholder; one character is not a name
+            if len(name) > 1 and "{" not in name and "}" not in name:
+                seen.setdefault(name)
+                if len(seen) >= limit:
+                    return list(seen)
+    return list(seen)
+
+
+def _names_file(fingerprint: str, corpus: Corpus, n_tokens: int) -> Path:
+    return cache_root() / "stats" / fingerprint[:16] / f"names-{corpus.id}-{n_tokens}.json"
+
+
+def corpus_names(
+    lm: LoadedModel, fingerprint: str, corpus: Corpus, n_tokens: int = DEFAULT_N_TOKENS, quiet: bool = False
+) -> list[str]:
+    """Names from the statistics corpus (the same text and token budget as C), cached next to C: for the
+    generated corpus, finding them again would mean generating it again."""
+    path = _names_file(fingerprint, corpus, n_tokens)
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+            names = meta["names"]
+            if hashlib.sha256(json.dumps(names).encode()).hexdigest() != meta["sha256"]:
+                raise ValueError("checksum mismatch")
+            return list(names)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warnings.warn(f"names cache {path} is corrupt ({exc}); recomputing", stacklevel=2)
+    names = names_in(lm, corpus_token_chunks(lm, corpus, n_tokens, quiet=quiet))
+    _save_names(path, names)
+    return names
+
+
+def _save_names(path: Path, names: list[str]) -> None:
+    meta = {"names": names, "sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta))
+
+
 # ------------------------------------------------------------------ collection
 @torch.no_grad()
 def collect_key_stats(
@@ -272,6 +365,8 @@ def key_stats(
     missing = [li for li in layers if li not in out]
     if missing:
         chunks = corpus_token_chunks(lm, corpus, n_tokens, quiet=quiet)
+        if not _names_file(fingerprint, corpus, n_tokens).is_file():  # while the chunks are at hand
+            _save_names(_names_file(fingerprint, corpus, n_tokens), names_in(lm, chunks))
         fresh = collect_key_stats(lm, missing, chunks, quiet=quiet)
         for li, st in fresh.items():
             save_cached(_cache_file(fingerprint, li, corpus, n_tokens), st)

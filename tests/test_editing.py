@@ -209,6 +209,27 @@ def test_alphaedit_equals_least_squares(alpha, lambda_null, with_drift):
         assert objective(dW + E) > objective(dW)
 
 
+def test_neighbour_keys_are_held_like_previous_keys():
+    """Kn (the batch's prompts about other names) enters each objective as ‖ΔW Kn‖², exactly as earlier
+    edits' Kp do: passing Kn equals adding Kn Knᵀ to Σ Kp Kpᵀ (ENCORE, AlphaEdit) or ENCORE with λ_n 0 (MEMIT)."""
+    K, R, _, C, Kp = _problem(4)
+    Kn = torch.randn(D_IN, 7, generator=_gen(5), dtype=torch.float64)
+    P = projector(null_space_basis(spectrum_covariance(D_IN, large=7, seed=3)[0], tau=2e-2))
+    KnKnT = Kn @ Kn.T
+    got = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, C, 5.0, Kn=Kn)
+    assert torch.allclose(got, alphaedit_update(K, R, P, Kp @ Kp.T + KnKnT, 10.0, C, 5.0), rtol=1e-9)
+    got = encore_update(K, R, C, Kp @ Kp.T, 50.0, 2.0, Kn=Kn)
+    assert torch.allclose(got, encore_update(K, R, C, Kp @ Kp.T + KnKnT, 50.0, 2.0), rtol=1e-9)
+    got = memit_update(K, R, C, 50.0, Kn=Kn)
+    assert torch.allclose(got, encore_update(K, R, C, KnKnT, 50.0, 0.0), rtol=1e-9)
+    # and it does what it is for: a heavy Kn pulls ΔW Kn towards 0
+    free = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0)
+    held = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, Kn=1e3 * Kn)
+    assert (held @ Kn).norm() < 1e-3 * (free @ Kn).norm()
+    # no neighbour keys (or an empty set) is the published update
+    assert torch.equal(alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, Kn=Kn[:, :0]), free)
+
+
 def test_alphaedit_with_full_projector_is_ridge_regression():
     """P = I: the update is R Kᵀ (Kp Kpᵀ + K Kᵀ + α I)⁻¹ — ENCORE without the C term."""
     K, R, _, C, Kp = _problem(3)
@@ -699,9 +720,9 @@ def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeyp
     spec = METHODS["memit"]
     calls = []
 
-    def solve(K, R, C, state, cfg, drift=None):
+    def solve(K, R, C, state, cfg, drift=None, Kn=None):
         calls.append(1)
-        dW = spec.solve(K, R, C, state, cfg, drift)
+        dW = spec.solve(K, R, C, state, cfg, drift, Kn)
         return dW * float("nan") if len(calls) == 2 else dW
 
     monkeypatch.setitem(METHODS, "memit", dataclasses.replace(spec, solve=solve))
@@ -754,6 +775,90 @@ def test_editor_retry_resolves_failed_edits_from_the_pre_batch_weights(tiny_mode
         assert torch.allclose(editor.state[li].KpKpT, K @ K.T)  # the batch's keys counted once
 
 
+def test_neighbour_requests_ask_the_same_question_about_other_names():
+    from edit2deploy.methods.neighbours import neighbour_requests
+
+    names = ["Ada Lovelace", "Danielle Darrieux", "Alan Turing", "Grace Hopper", "Kurt Gödel"]
+    near = neighbour_requests(REQUESTS, names, 3)
+    assert len(near) == 3 * len(REQUESTS)
+    for i, r in enumerate(REQUESTS):
+        mine = near[3 * i : 3 * i + 3]
+        assert all(n.prompt == r.prompt and n.subject in names for n in mine)
+        assert r.subject not in {n.subject for n in mine} and len({n.subject for n in mine}) == 3
+    assert neighbour_requests(REQUESTS, names, 3) == near  # the same draw every time
+    assert len(neighbour_requests(REQUESTS[:1], names, 10)) == len(names)  # never more than there are
+
+
+def test_editor_neighbour_keys_hold_the_same_prompt_about_other_names(tiny_model_dir):
+    """`neighbour_weight`: the solve holds each request's prompt asked about other names; a heavy weight
+    keeps their keys' outputs (‖ΔW Kn‖ falls) while the edit's own keys still move. `neighbour_kept` adds
+    them to the previous keys (and so to the ledger's batch keys); without names it is a usage error."""
+    from edit2deploy.methods.keys import KeyPasses
+    from edit2deploy.methods.neighbours import neighbour_requests
+
+    layers = (0, 1)
+    names = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Kurt Gödel", "Emmy Noether", "Paris Hilton"]
+    hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
+    base = EditConfig(method="memit", layers=layers, lambda_p=0.1, values=hp)  # C = I: no null space
+    moved = {}
+    for weight in (0.0, 1e4):
+        lm = open_model(tiny_model_dir("llama"))
+        cfg = dataclasses.replace(base, neighbour_weight=weight, neighbour_names=4)
+        editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True, names=names)
+        report = editor.apply_batch(REQUESTS)
+        near = neighbour_requests(REQUESTS, names, 4)
+        Kn, _ = KeyPasses(lm, near, editor.templates, z_layer=1)(0)  # layer 0's input: unchanged by edits
+        dW = lm.arch.to_out_in(report.deltas[0]).double()
+        moved[weight] = (float((dW @ Kn).norm()), float((dW @ report.keys[0]).norm()))
+        assert report.keys[0].shape[1] == len(REQUESTS)  # not kept: the batch's own keys only
+    assert moved[1e4][0] < 0.05 * moved[0.0][0]
+    assert moved[1e4][1] > 0.2 * moved[0.0][1]
+
+    lm = open_model(tiny_model_dir("llama"))
+    cfg = dataclasses.replace(base, neighbour_weight=1.0, neighbour_names=2, neighbour_kept=True)
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True, names=names)
+    report = editor.apply_batch(REQUESTS)
+    K = report.keys[0].double()
+    assert K.shape[1] == len(REQUESTS) * 3  # the requests' keys and two neighbours each
+    assert torch.allclose(editor.state[0].KpKpT, K @ K.T)
+    with pytest.raises(UsageError, match="names"):
+        Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True)
+
+
+def test_editor_neighbour_null_takes_the_neighbours_out_of_the_null_space(tiny_model_dir):
+    """`neighbour_null`: the batch's null space is that of C plus the neighbours' covariance, so AlphaEdit's
+    update barely moves the neighbour keys; the persisted basis stays C's own."""
+    from edit2deploy.methods.keys import KeyPasses
+    from edit2deploy.methods.neighbours import neighbour_requests
+
+    layers = (0, 1)
+    names = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Kurt Gödel", "Emmy Noether", "Paris Hilton"]
+    hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
+    moved, bases = {}, {}
+    for weight in (0.0, 1.0):
+        lm = open_model(tiny_model_dir("llama"))
+        d_in = lm.arch.to_out_in(lm.arch.get_weight(lm.model, 0)).shape[1]
+        stats = {li: torch.diag(torch.logspace(0, -4, d_in, dtype=torch.float64)) for li in layers}
+        cfg = EditConfig(
+            method="alphaedit",
+            layers=layers,
+            values=hp,
+            neighbour_weight=weight,
+            neighbour_names=4,
+            neighbour_null=True,
+        )
+        editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, names=names)
+        basis = editor.state[0].null_basis.clone()
+        report = editor.apply_batch(REQUESTS)
+        assert torch.equal(editor.state[0].null_basis, basis)  # not persisted
+        Kn, _ = KeyPasses(lm, neighbour_requests(REQUESTS, names, 4), editor.templates, z_layer=1)(0)
+        dW = lm.arch.to_out_in(report.deltas[0]).double()
+        moved[weight] = float((dW @ Kn).norm() / Kn.norm()), float(dW.norm())
+        bases[weight] = basis
+    assert torch.equal(bases[0.0], bases[1.0])
+    assert moved[1.0][0] < 0.2 * moved[0.0][0] and moved[1.0][1] > 0  # neighbours held, still an update
+
+
 def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, monkeypatch):
     """`null_drift`: each layer's solve gets D = W − W0 as it is before this batch touches it (zero on a fresh
     model, the earlier batches' sum after them; W0 from `base` when the model was edited before), and the
@@ -763,9 +868,9 @@ def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, mo
     spec = METHODS["default"]
     seen: list[torch.Tensor] = []
 
-    def solve(K, R, C, state, cfg, drift=None):
+    def solve(K, R, C, state, cfg, drift=None, Kn=None):
         seen.append(drift.clone())
-        return spec.solve(K, R, C, state, cfg, drift)
+        return spec.solve(K, R, C, state, cfg, drift, Kn)
 
     monkeypatch.setitem(METHODS, "default", dataclasses.replace(spec, solve=solve))
     stats = {

@@ -305,9 +305,9 @@ def test_non_finite_batch_is_not_applied(env, three, tmp_path, monkeypatch, caps
     spec = METHODS["default"]
     calls = []
 
-    def solve(K, R, C, state, cfg, drift=None):
+    def solve(K, R, C, state, cfg, drift=None, Kn=None):
         calls.append(1)
-        dW = spec.solve(K, R, C, state, cfg, drift)
+        dW = spec.solve(K, R, C, state, cfg, drift, Kn)
         return torch.full_like(dW, float("nan")) if len(calls) == 4 else dW
 
     monkeypatch.setitem(METHODS, "default", dataclasses.replace(spec, solve=solve))

@@ -300,3 +300,47 @@ def test_corpus_pieces_fit_the_model_context(tiny_model_dir, tmp_path):
     assert chunks == [ids[s : s + 512] for s in range(0, len(ids), 512)]
     st = collect_key_stats(gpt2, [0, 1], chunks, quiet=True)
     assert st[1].n_tokens == len(ids) and st[0].C.shape == (128, 128)
+
+
+# ================================================================ names (neighbour keys)
+def test_names_in_text_are_capitalised_runs_not_sentence_starts(lm):
+    text = (
+        "Robert Boulter is an English actor. He starred in The Bill with Mark Strong in London. "
+        "However, the play ran at the Royal Court Theatre in 2001."
+    )
+    ids = lm.tokenizer(text)["input_ids"]
+    assert stats_mod.names_in(lm, [ids]) == [
+        "Robert Boulter",
+        "English",
+        "The Bill",
+        "Mark Strong",
+        "London",
+        "Royal Court Theatre",
+    ]
+    assert stats_mod.names_in(lm, [ids, ids], limit=2) == ["Robert Boulter", "English"]
+
+
+def test_corpus_names_are_kept_with_the_statistics(lm, tiny_model_dir, corpus_file, cache, monkeypatch):
+    """The statistics pass stores the corpus's names, so `corpus_names` needs no second pass over the corpus
+    (for the generated corpus that would be generating it again); a damaged file warns and is redone."""
+    fp = weights_fingerprint(tiny_model_dir("llama"))
+    corpus = corpus_from_path(corpus_file)
+    key_stats(lm, [0], fp, corpus, n_tokens=250, quiet=True)
+    expected = stats_mod.names_in(lm, corpus_token_chunks(lm, corpus, 250))
+    assert "The Eiffel Tower" in expected and "Gustave Eiffel" in expected
+    real_chunks = stats_mod.corpus_token_chunks
+
+    def no_pass(*a, **k):
+        raise AssertionError("the corpus was read again")
+
+    monkeypatch.setattr(stats_mod, "corpus_token_chunks", no_pass)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stats_mod.corpus_names(lm, fp, corpus, 250) == expected
+    f = next((cache / "stats").rglob("names-*.json"))
+    f.write_text(f.read_text().replace("Eiffel", "Eiffle"))
+    monkeypatch.setattr(stats_mod, "corpus_token_chunks", real_chunks)
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert stats_mod.corpus_names(lm, fp, corpus, 250) == expected
+    monkeypatch.setattr(stats_mod, "corpus_token_chunks", no_pass)
+    assert stats_mod.corpus_names(lm, fp, corpus, 250) == expected  # rewritten intact

@@ -17,6 +17,7 @@ from ..errors import NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
 from .keys import KeyPasses, context_templates
+from .neighbours import neighbour_requests
 from .retry import resolve_failed
 from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
 from .values import ValueHParams, ValueResult, optimise_values
@@ -48,6 +49,15 @@ class EditConfig:
     # Re-solve rounds per batch for requests whose edit prompt still fails after the solve (methods/retry.py):
     # their δ is optimised further on the edited model and the batch is solved again. 0: one solve, as published.
     retry_rounds: int = 0
+    # Neighbour keys (methods/neighbours.py): each request's prompt asked about `neighbour_names` other names
+    # from the statistics corpus, held at their outputs with this weight per request (‖ΔW Kn‖² in the solve).
+    # `neighbour_kept`: they also join the previous keys, so later batches hold them too. 0: as published.
+    neighbour_weight: float = 0.0
+    neighbour_names: int = 10
+    neighbour_kept: bool = False
+    # `neighbour_null`: the neighbour keys shape AlphaEdit's null space instead (per batch, from C plus their
+    # covariance scaled to C's trace times `neighbour_weight`); the ‖ΔW Kn‖² term is then not added.
+    neighbour_null: bool = False
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -99,21 +109,21 @@ class MethodSpec:
     """A registry entry: how a method solves for ΔW and which state it uses."""
 
     name: str
-    solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg, drift) -> ΔW (d_out, d_in) float64
+    solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg, drift, Kn) -> ΔW (d_out, d_in) float64
     mpes: bool
     uses_projector: bool = False
     description: str = ""
 
 
-def _memit(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
-    return memit_update(K, R, C, cfg.lambda_p)
+def _memit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
+    return memit_update(K, R, C, cfg.lambda_p, Kn)
 
 
-def _encore(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
-    return encore_update(K, R, C, state.KpKpT, cfg.lambda_p, cfg.lambda_n)
+def _encore(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
+    return encore_update(K, R, C, state.KpKpT, cfg.lambda_p, cfg.lambda_n, Kn)
 
 
-def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch.Tensor:
+def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
     return alphaedit_update(
         K,
         R,
@@ -125,6 +135,7 @@ def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None) -> torch
         P_KpKpT=state.projected_previous(),
         P_C=state.projected_covariance(C) if cfg.lambda_null else None,
         D=drift if cfg.null_drift else None,
+        Kn=Kn,
     )
 
 
@@ -192,8 +203,12 @@ class Editor:
         state: dict[int, LayerState] | None = None,
         quiet: bool = False,
         base: dict[int, torch.Tensor] | None = None,
+        names: Sequence[str] = (),
     ):
         self.lm, self.cfg, self.quiet = lm, cfg, quiet
+        self.names = list(names)  # other subjects for neighbour keys (stats.corpus_names)
+        if cfg.neighbour_weight and cfg.neighbour_names and not self.names:
+            raise UsageError("neighbour_weight > 0 needs names for the neighbour keys (stats.corpus_names)")
         self.spec = method_spec(cfg.method)
         self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
         mpes = self.spec.mpes if cfg.values.mpes is None else cfg.values.mpes
@@ -257,10 +272,14 @@ class Editor:
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
         passes = KeyPasses(lm, requests, self.templates, self.layers[-1], onednn=cfg.values.onednn)
+        near = self._neighbour_passes(requests)
         try:
             for i, li in enumerate(self.layers):
                 t = time.perf_counter()
                 K, cur_z = passes(li)
+                Kn = None
+                if near is not None:  # each request's neighbours weigh `neighbour_weight` together
+                    Kn = near[0](li)[0].cpu() * near[1]
                 timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
                 if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
@@ -269,7 +288,10 @@ class Editor:
                 drift = None
                 if li in self.base:  # earlier batches' W − W0 (this batch has not touched layer li yet)
                     drift = arch.to_out_in(arch.get_weight(lm.model, li).detach().cpu() - self.base[li])
-                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], self.state[li], cfg, drift)
+                state = self.state[li]
+                if Kn is not None and cfg.neighbour_null and self.spec.uses_projector:
+                    state, Kn = self._neighbour_null_state(li, Kn), None
+                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], state, cfg, drift, Kn)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
                         f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"
@@ -279,12 +301,37 @@ class Editor:
                 with torch.no_grad():
                     W.add_(applied)
                 deltas[li] = applied.cpu()
-                keys[li] = K.cpu()
+                # Kept neighbour keys ride with the batch's keys: Σ Kp Kpᵀ, the ledger and rollback see one set.
+                keys[li] = (
+                    torch.cat([K.cpu(), Kn], dim=1) if Kn is not None and cfg.neighbour_kept else K.cpu()
+                )
                 timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         except BaseException:
             self.restore(originals)
             raise
         return deltas, keys
+
+    def _neighbour_null_state(self, li: int, Kn: torch.Tensor) -> LayerState:
+        """This batch's layer state with the null space of C + w·(tr C / tr Cn)·Cn, Cn = Kn Knᵀ / n: the
+        directions the neighbours use leave the null space (the persisted basis is not changed)."""
+        C = self.C[li].to(torch.float64)
+        Kn = Kn.to(torch.float64)
+        Cn = Kn @ Kn.T / Kn.shape[1]
+        mixed = C + self.cfg.neighbour_weight * float(C.trace() / Cn.trace().clamp_min(1e-30)) * Cn
+        basis = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative)
+        return LayerState(KpKpT=self.state[li].KpKpT, null_basis=basis)
+
+    def _neighbour_passes(self, requests: Sequence[EditRequest]) -> tuple[KeyPasses, float] | None:
+        """Key passes over the requests' neighbours and the scale of their keys (√(weight / neighbours per
+        request)); None when the config holds none."""
+        cfg = self.cfg
+        if not cfg.neighbour_weight or not cfg.neighbour_names:
+            return None
+        near = neighbour_requests(requests, self.names, cfg.neighbour_names)
+        if not near:
+            return None
+        passes = KeyPasses(self.lm, near, self.templates, self.layers[-1], onednn=cfg.values.onednn)
+        return passes, (cfg.neighbour_weight * len(requests) / len(near)) ** 0.5
 
     def add_previous_keys(self, keys: dict[int, torch.Tensor]) -> None:
         """An applied batch's keys join the method state (Σ Kp Kpᵀ) that later batches preserve."""

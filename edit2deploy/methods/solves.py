@@ -1,7 +1,9 @@
 """Closed-form weight updates, one function per equation (DESIGN.md "Editing algorithm" step 5).
 
 Shapes: K (d_in, n) keys of this batch, R (d_out, n) residuals, C (d_in, d_in) = E[k kᵀ],
-KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector.
+KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector,
+Kn (d_in, m) keys of this batch's prompts asked about other names (neighbours.py), held like previous keys:
+‖ΔW Kn‖² joins the objective, so the same questions about other subjects keep their answers.
 All arithmetic in float64 with `torch.linalg.solve`; no explicit inverse is formed.
 The solves are written for ΔWᵀ, using symmetry of the bracketed matrices:
 R Kᵀ A⁻¹ = (A⁻¹ K Rᵀ)ᵀ.
@@ -16,20 +18,37 @@ def _f64(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.float64) for t in ts]
 
 
-def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lambda_p: float) -> torch.Tensor:
-    """MEMIT:  ΔW = R Kᵀ (λ_p C + K Kᵀ)⁻¹."""
+def _neighbour_term(Kn: torch.Tensor | None, P: torch.Tensor | None = None) -> torch.Tensor | float:
+    """Kn Knᵀ (or P Kn Knᵀ, formed as (P Kn) Knᵀ); 0 without neighbour keys."""
+    if Kn is None or not Kn.numel():
+        return 0.0
+    Kn = Kn.to(torch.float64)
+    return (P @ Kn if P is not None else Kn) @ Kn.T
+
+
+def memit_update(
+    K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lambda_p: float, Kn: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MEMIT:  ΔW = R Kᵀ (λ_p C + Kn Knᵀ + K Kᵀ)⁻¹   (no Kn in the paper)."""
     K, R, C = _f64(K, R, C)
-    A = lambda_p * C + K @ K.T
+    A = lambda_p * C + _neighbour_term(Kn) + K @ K.T
     return torch.linalg.solve(A, K @ R.T).T
 
 
 def encore_update(
-    K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, KpKpT: torch.Tensor, lambda_p: float, lambda_n: float
+    K: torch.Tensor,
+    R: torch.Tensor,
+    C: torch.Tensor,
+    KpKpT: torch.Tensor,
+    lambda_p: float,
+    lambda_n: float,
+    Kn: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ENCORE:  ΔW = R Kᵀ (λ_p C + λ_n I + Kp Kpᵀ + K Kᵀ)⁻¹  (λ_n‖ΔW‖²_F keeps the norm from growing)."""
+    """ENCORE:  ΔW = R Kᵀ (λ_p C + λ_n I + Kp Kpᵀ + Kn Knᵀ + K Kᵀ)⁻¹  (λ_n‖ΔW‖²_F keeps the norm from
+    growing; no Kn in the paper)."""
     K, R, C, KpKpT = _f64(K, R, C, KpKpT)
     eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
-    A = lambda_p * C + lambda_n * eye + KpKpT + K @ K.T
+    A = lambda_p * C + lambda_n * eye + KpKpT + _neighbour_term(Kn) + K @ K.T
     return torch.linalg.solve(A, K @ R.T).T
 
 
@@ -44,8 +63,9 @@ def alphaedit_update(
     P_KpKpT: torch.Tensor | None = None,
     P_C: torch.Tensor | None = None,
     D: torch.Tensor | None = None,
+    Kn: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0 in the paper).
+    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + Kn Knᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0, no Kn in the paper).
 
     Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
     λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
@@ -58,7 +78,7 @@ def alphaedit_update(
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     PK = P @ K  # (d_in, n): P K Kᵀ as (P K) Kᵀ is n/d_in of the work of P (K Kᵀ)
-    A = PK @ K.T + alpha * eye
+    A = PK @ K.T + alpha * eye + _neighbour_term(Kn, P)
     if P_KpKpT is not None:
         A = A + P_KpKpT.to(torch.float64)
     elif KpKpT.any():  # the first batch has no previous keys
