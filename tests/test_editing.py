@@ -823,6 +823,9 @@ def test_editor_neighbour_keys_hold_the_same_prompt_about_other_names(tiny_model
     assert torch.allclose(editor.state[0].KpKpT, K @ K.T)
     with pytest.raises(UsageError, match="names"):
         Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True)
+    with pytest.raises(UsageError, match="null space"):
+        null = dataclasses.replace(cfg, neighbour_null=True)
+        Editor(lm, null, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True, names=names)
 
 
 def test_editor_neighbour_null_takes_the_neighbours_out_of_the_null_space(tiny_model_dir):

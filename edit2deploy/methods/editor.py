@@ -210,6 +210,10 @@ class Editor:
         if cfg.neighbour_weight and cfg.neighbour_names and not self.names:
             raise UsageError("neighbour_weight > 0 needs names for the neighbour keys (stats.corpus_names)")
         self.spec = method_spec(cfg.method)
+        if cfg.neighbour_null and not self.spec.uses_projector:
+            raise UsageError(
+                f"neighbour_null needs a method with a null space (alphaedit, default), not {cfg.method}"
+            )
         self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
         mpes = self.spec.mpes if cfg.values.mpes is None else cfg.values.mpes
         self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=mpes))
@@ -288,10 +292,10 @@ class Editor:
                 drift = None
                 if li in self.base:  # earlier batches' W − W0 (this batch has not touched layer li yet)
                     drift = arch.to_out_in(arch.get_weight(lm.model, li).detach().cpu() - self.base[li])
-                state = self.state[li]
-                if Kn is not None and cfg.neighbour_null and self.spec.uses_projector:
-                    state, Kn = self._neighbour_null_state(li, Kn), None
-                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], state, cfg, drift, Kn)
+                state, held = self.state[li], Kn
+                if Kn is not None and cfg.neighbour_null:  # they shape the null space instead of ‖ΔW Kn‖²
+                    state, held = self._neighbour_null_state(li, Kn), None
+                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], state, cfg, drift, held)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
                         f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"
