@@ -68,7 +68,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("llama", "mistral"),
             gguf_arch="llama",
             permute_qk=True,
-            # SmolLM2-135M (30 layers): layer sweep on CounterFact train, see README "Defaults".
+            # SmolLM2-135M (30 layers): layer sweeps on CounterFact train (and val), benchmarks/RESULTS.md.
             default_layers={30: (4, 5, 6, 7, 8)},
             **_LLAMA_LIKE,
         ),
