@@ -3,12 +3,17 @@
     python benchmarks/counterfact.py --n 100 --batch-size 25 --methods memit,alphaedit,encore,default
     python benchmarks/counterfact.py --quick            # 20 edits, 2 batches, default method
     python benchmarks/counterfact.py --split edit --n 1000 --batch-size 100 --eval-every 2
+    python benchmarks/counterfact.py --preserved-n 2000   # train cases 1000-2999 as preserved facts
 
 Metrics (0-100): ES efficacy (p(new) > p(true) on the edit prompt), PS paraphrase, NS neighbourhood
 (locality prompt keeps its true answer), S = harmonic mean of ES/PS/NS; fluency = n-gram entropy of
 greedy generations from the edit prompts (H₂/3 + 2H₃/3, as ROME); perplexity on the tail of
 WikiText-2 test (disjoint from the statistics corpus, which is read from the file's start);
 ‖W−W0‖_F per edited layer. Evaluated on all facts edited so far.
+
+`--preserved-n N` passes N CounterFact train cases (from `--preserved-offset`, default 1000, so disjoint from
+the train cases 0-999 these benchmarks evaluate) to the editor as preserved facts (`edit --preserved`). Any
+whose subject occurs in an evaluated case's prompts is dropped, so no evaluated fact is protected directly.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from _common import (
 )
 
 from edit2deploy.editing import apply_requests, prepare_editor
+from edit2deploy.methods import METHODS
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
 
@@ -70,6 +76,17 @@ def evaluate(lm, requests, ppl_ids, fluency_n) -> dict:
     return q
 
 
+def preserved_facts(evaluated, n: int, offset: int) -> list:
+    """`n` train cases from `offset`, less those whose subject occurs in an evaluated prompt."""
+    if not n:
+        return []
+    seen = "\n".join(
+        t for r in evaluated for t in (r.text, *r.paraphrases, *(nb.prompt for nb in r.neighborhood))
+    )
+    facts = load_requests(COUNTERFACT / "counterfact-train.json", limit=n, offset=offset)
+    return [f for f in facts if f.subject not in seen]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="val", choices=["val", "train", "edit"])
@@ -88,6 +105,12 @@ def main() -> None:
         "--set", action="append", default=[], help="hyperparameter override key=value (e.g. alpha=20)"
     )
     ap.add_argument("--quick", action="store_true", help="20 edits in 2 batches, default method, small eval")
+    ap.add_argument(
+        "--preserved-n", type=int, default=0, help="train cases passed as preserved facts (0: none)"
+    )
+    ap.add_argument(
+        "--preserved-offset", type=int, default=1000, help="first train case of the preserved facts"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -100,6 +123,10 @@ def main() -> None:
         f"machine: {machine()}\n{len(requests)} {args.split} cases, batch {args.batch_size}, layers {args.layers}"
     )
     from edit2deploy.config import edit_config_from
+
+    preserved = preserved_facts(requests, args.preserved_n, args.preserved_offset)
+    if preserved:
+        print(f"preserved facts: {len(preserved)} train cases from {args.preserved_offset}")
 
     overrides = overrides_of(args.set)
     lm = open_model("smollm2-135m", device=args.device)
@@ -124,7 +151,14 @@ def main() -> None:
     for method in args.methods.split(","):
         cfg = edit_config_from({**overrides, "method": method, "layers": args.layers}, "--set")
         lm = open_model("smollm2-135m", device=args.device)
-        editor, ledger, stats_s = prepare_editor(lm, cfg, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
+        editor, ledger, stats_s = prepare_editor(
+            lm,
+            cfg,
+            corpus=WIKITEXT,
+            n_tokens=args.n_tokens,
+            quiet=True,
+            preserved=preserved if METHODS[method].uses_projector else (),  # they shape the null space
+        )
         curve, retried = [], []
         t0 = time.perf_counter()
         edit_s = 0.0

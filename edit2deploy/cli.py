@@ -86,6 +86,9 @@ def cmd_facts(args: argparse.Namespace) -> int:
     from .checks import PROBE_KINDS, probes_for, rates, run_probes
     from .models import open_model
     from .requests import load_requests
+
+    if args.preserved_n is not None and not args.preserved:
+        raise UsageError("--preserved-n needs --preserved")
     from .scoring import TorchScorer
 
     kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
@@ -156,6 +159,13 @@ def _add_edit(sub) -> Callable:
     )
     p.add_argument("--n-tokens", type=int, default=None, help="tokens of statistics corpus (default 100,000)")
     p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
+    p.add_argument(
+        "--preserved",
+        default=None,
+        help="facts that must not change (same formats as --edits): their keys leave the null space "
+        "(alphaedit/default; with a model's first edits)",
+    )
+    p.add_argument("--preserved-n", type=_positive, default=None, help="only the first N preserved facts")
     p.add_argument(
         "--retry-rounds",
         type=_count,
@@ -252,6 +262,7 @@ def _edit_config(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from .editing import edit_model
+    from .requests import load_requests
 
     schemes, harden = _hardening(args)
     run = edit_model(
@@ -268,6 +279,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         quiet=getattr(args, "quiet", False),
         harden_for=schemes,
         harden=harden,
+        preserved=load_requests(args.preserved, limit=args.preserved_n) if args.preserved else (),
     )
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {

@@ -20,7 +20,8 @@ from .ledger import Ledger, tensor_sha256
 from .methods import EditConfig, Editor
 from .methods.editor import LayerState, check_layers, method_spec
 from .methods.harden import HardenConfig, Hardener
-from .methods.keys import generate_prefixes
+from .methods.keys import context_templates, generate_prefixes
+from .methods.preserved import facts_digest, preserved_covariances
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
 from .quantsim import QuantScheme, Simulation
 from .requests import EditRequest, load_requests
@@ -74,10 +75,18 @@ def prepare_editor(
     corpus: str | Path | None = None,
     n_tokens: int | None = None,
     quiet: bool = False,
+    preserved: Sequence[EditRequest] = (),
 ) -> tuple[Editor, Ledger, float]:
-    """An `Editor` for `lm` with statistics, prefixes and method state (continuing an existing ledger)."""
-    method_spec(cfg.method)
+    """An `Editor` for `lm` with statistics, prefixes and method state (continuing an existing ledger).
+
+    `preserved`: facts whose keys leave the null space when it is built (a model's first edit; see
+    `methods.preserved`); on a model whose null space exists they must be the facts it was built with."""
+    spec = method_spec(cfg.method)
     layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)  # before any work
+    if preserved and not spec.uses_projector:
+        raise UsageError(f"--preserved shapes the null space of alphaedit and default; {cfg.method} has none")
+    if preserved and cfg.neighbour_null:
+        raise UsageError("neighbour_null and --preserved both reshape the null space; use one of them")
     ledger = Ledger.load(lm.model_dir)
     if ledger is None:
         corp = corpus_from_path(corpus)
@@ -111,18 +120,53 @@ def prepare_editor(
                 lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
             )
         names = ledger.state["names"]
+    state = _state_from_ledger(ledger, layers)
+    preserved_cov = (
+        _preserved_covariances(lm, ledger, state, layers, preserved, cfg, quiet) if preserved else None
+    )
     stats_seconds = time.perf_counter() - t
     editor = Editor(
         lm,
         cfg,
         {li: s.C for li, s in stats.items()},
         ledger.state["prefixes"],
-        state=_state_from_ledger(ledger, layers),
+        state=state,
         quiet=quiet,
         base={li: ledger.originals[n] for li in layers if (n := lm.arch.weight_name(li)) in ledger.originals},
         names=names,
+        preserved=preserved_cov,
     )
     return editor, ledger, stats_seconds
+
+
+def _preserved_covariances(
+    lm: LoadedModel,
+    ledger: Ledger,
+    state: dict[int, LayerState],
+    layers: Sequence[int],
+    preserved: Sequence[EditRequest],
+    cfg: EditConfig,
+    quiet: bool,
+) -> dict[int, torch.Tensor] | None:
+    """The preserved facts' key covariance for the layers whose null space is still to be built (None when
+    all exist: the persisted basis already holds the facts), recorded in the ledger's method state."""
+    digest = facts_digest(preserved)
+    recorded = ledger.state.get("preserved")
+    if recorded is not None and recorded["sha256"] != digest:
+        raise UsageError(
+            "--preserved differs from the facts this model's null space was built with at its first edit "
+            f"({recorded['facts']} facts); omit --preserved to continue with those"
+        )
+    todo = [li for li in layers if li not in state or state[li].null_basis is None]
+    if not todo:
+        if recorded is None:
+            raise UsageError(
+                "--preserved: this model's null space was built at its first edit without preserved facts; "
+                "they can only be given with a model's first edits"
+            )
+        return None
+    ledger.state["preserved"] = {"facts": len(preserved), "sha256": digest, "weight": cfg.preserve_weight}
+    return preserved_covariances(lm, preserved, context_templates(ledger.state["prefixes"]), todo, quiet)
 
 
 def apply_requests(
@@ -210,8 +254,11 @@ def edit_model(
     quiet: bool = False,
     harden_for: Sequence[Callable[[LoadedModel, list[str]], QuantScheme]] = (),
     harden: HardenConfig | None = None,
+    preserved: Sequence[EditRequest] = (),
 ) -> EditRun:
     """Edit `model` with the requests in `edits` and write the result to `out`.
+
+    `preserved`: facts that must not change; their keys leave AlphaEdit's null space (`prepare_editor`).
 
     `harden_for`: one factory per deployment target, `(model, edited tensor names) -> QuantScheme` (the face
     builds them from the format simulators); each batch is then hardened against those targets."""
@@ -225,7 +272,9 @@ def edit_model(
         raise UsageError(f"--out {out} already exists (use --force to replace it)")
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    editor, ledger, stats_seconds = prepare_editor(lm, cfg, corpus, n_tokens, quiet=quiet)
+    editor, ledger, stats_seconds = prepare_editor(
+        lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved
+    )
     hardener = None
     if harden_for:
         edited = sorted(

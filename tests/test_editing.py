@@ -862,6 +862,72 @@ def test_editor_neighbour_null_takes_the_neighbours_out_of_the_null_space(tiny_m
     assert moved[1.0][0] < 0.2 * moved[0.0][0] and moved[1.0][1] > 0  # neighbours held, still an update
 
 
+PRESERVED = [
+    EditRequest(prompt="{} is located in the city of", subject="Big Ben", target_new="Paris", id="p1"),
+    EditRequest(prompt="The mother tongue of {} is", subject="Jean Gabin", target_new="German", id="p2"),
+    EditRequest(prompt="{} plays the sport of", subject="Roger Federer", target_new="golf", id="p3"),
+]
+
+
+def test_preserved_keys_are_the_keys_an_edit_would_use(tiny_model_dir):
+    """`preserved_keys` (every layer in one pass) gives the same ½ bare + ½ prefixed keys as the edit's
+    own per-layer key passes."""
+    from edit2deploy.methods.keys import KeyPasses, context_templates
+    from edit2deploy.methods.preserved import preserved_keys
+
+    lm = open_model(tiny_model_dir("llama"))
+    templates = context_templates(PREFIXES)
+    got = preserved_keys(lm, PRESERVED, templates, (0, 1), quiet=True)
+    passes = KeyPasses(lm, PRESERVED, templates, z_layer=1)
+    for li in (0, 1):
+        want = passes(li)[0].cpu()
+        assert got[li].shape == want.shape == (want.shape[0], len(PRESERVED))
+        assert torch.allclose(got[li], want, rtol=1e-5, atol=1e-6)
+
+
+def test_preserved_facts_leave_the_null_space(tiny_model_dir):
+    """With preserved facts, AlphaEdit's null space is that of C plus their keys' covariance: the update
+    barely moves their keys, still moves the edit's own, and the basis it was built with is the persisted one.
+    Methods without a null space, or `neighbour_null` beside them, are usage errors."""
+    from edit2deploy.methods.keys import context_templates
+    from edit2deploy.methods.preserved import preserved_covariances, preserved_keys
+
+    layers = (0, 1)
+    hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
+    moved = {}
+    for weight in (0.0, 1.0):
+        lm = open_model(tiny_model_dir("llama"))
+        d_in = lm.arch.to_out_in(lm.arch.get_weight(lm.model, 0)).shape[1]
+        stats = {li: torch.diag(torch.logspace(0, -4, d_in, dtype=torch.float64)) for li in layers}
+        cfg = EditConfig(method="alphaedit", layers=layers, values=hp, preserve_weight=weight)
+        templates = context_templates(PREFIXES)
+        cov = preserved_covariances(lm, PRESERVED, templates, layers, quiet=True)
+        Kf = preserved_keys(lm, PRESERVED, templates, layers, quiet=True)[0]  # layer 0's input: never edited
+        editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, preserved=cov)
+        basis = editor.state[0].null_basis.clone()
+        report = editor.apply_batch(REQUESTS)
+        assert torch.equal(editor.state[0].null_basis, basis)
+        dW = lm.arch.to_out_in(report.deltas[0]).double()
+        K = report.keys[0].double()
+        moved[weight] = float((dW @ Kf).norm() / Kf.norm()), float((dW @ K).norm() / K.norm())
+    assert moved[1.0][0] < 0.2 * moved[0.0][0], moved  # the preserved facts' keys held
+    assert moved[1.0][1] > 0.2 * moved[0.0][1], moved  # the edit's keys still move
+
+    lm = open_model(tiny_model_dir("llama"))
+    cov = preserved_covariances(lm, PRESERVED, context_templates(PREFIXES), layers, quiet=True)
+    with pytest.raises(UsageError, match="null space"):
+        Editor(
+            lm,
+            EditConfig(method="memit", layers=layers),
+            _identity_stats(lm, layers),
+            PREFIXES,
+            preserved=cov,
+        )
+    with pytest.raises(UsageError, match="neighbour_null"):
+        cfg = EditConfig(layers=layers, neighbour_weight=1.0, neighbour_null=True)
+        Editor(lm, cfg, _identity_stats(lm, layers), PREFIXES, names=["Ada Lovelace"], preserved=cov)
+
+
 def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, monkeypatch):
     """`null_drift`: each layer's solve gets D = W − W0 as it is before this batch touches it (zero on a fresh
     model, the earlier batches' sum after them; W0 from `base` when the model was edited before), and the
@@ -1112,6 +1178,44 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_path):
+    """On the real model, 50 CounterFact train facts given as preserved: the first edited layer's update moves
+    their keys (its input, which no edit changes) far less than without them, and the edits still take."""
+    from edit2deploy.checks import probes_for, rates, run_probes
+    from edit2deploy.editing import edit_model
+    from edit2deploy.ledger import Ledger
+    from edit2deploy.methods.keys import context_templates
+    from edit2deploy.methods.preserved import preserved_keys
+    from edit2deploy.requests import load_requests
+    from edit2deploy.scoring import TorchScorer
+
+    requests = load_requests(COUNTERFACT_VAL, limit=4)
+    facts = load_requests(COUNTERFACT_VAL.parent / "counterfact-train.json", limit=50, offset=1000)
+    corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    arch, w4 = smollm2.arch, smollm2.arch.get_weight(smollm2.model, 4).detach().double()
+    moved = {}
+    for name, preserved in (("plain", ()), ("preserved", facts)):
+        run = edit_model(
+            "smollm2-135m",
+            requests,
+            tmp_path / name,
+            cfg=EditConfig(layers=(4, 5, 6, 7, 8)),
+            corpus=corpus,
+            n_tokens=20_000,
+            quiet=True,
+            preserved=preserved,
+        )
+        edited = open_model(run.out)
+        prefixes = Ledger.load(run.out).state["prefixes"]
+        Kf = preserved_keys(smollm2, facts, context_templates(prefixes), (4,), quiet=True)[4]
+        dW = arch.to_out_in(arch.get_weight(edited.model, 4).detach().double() - w4)
+        moved[name] = float((dW @ Kf).norm() / Kf.norm())
+        results = run_probes(TorchScorer(edited.model, edited.tokenizer), probes_for(requests, ["edit"]))
+        assert rates(results)["edit"] == 100.0, (name, [(r.probe.prompt, r.margin) for r in results])
+    assert moved["preserved"] < 0.5 * moved["plain"], moved
+
+
+@pytest.mark.slow
 def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
     """With a regulariser strong enough that some CounterFact edits do not take in one solve (λ_∅ 10,000), two
     retry rounds leave fewer failing, and the ledger's record of what still fails matches the edited model."""
@@ -1147,6 +1251,47 @@ def test_edit_retry_rounds_flag_reaches_the_ledger(cli_env, capsys):
     assert set(retry) == {"rounds", "failed"} and len(retry["rounds"]) <= 1
     record = Ledger.load(cli_env["out"]).records[-1]
     assert record["config"]["retry_rounds"] == 1 and record["retry"] == retry
+
+
+def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):
+    """`edit --preserved F`: the ledger records which facts built the null space; a later edit of the output
+    continues with them (same file or none) and refuses other facts, and preserved facts given only after a
+    model's first edit are refused; a method without a null space refuses them at once (exit code 2)."""
+    from edit2deploy.ledger import Ledger
+    from edit2deploy.methods.preserved import facts_digest
+    from edit2deploy.requests import load_requests
+
+    facts = cli_env["tmp"] / "facts.jsonl"
+    rows = [
+        {"id": r.id, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new} for r in PRESERVED
+    ]
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = cli_env["tmp"] / "other.jsonl"
+    other.write_text(json.dumps(rows[0]) + "\n")
+    common = ("--n-tokens", "2000", "--method", "alphaedit")
+    assert _edit_cli(cli_env, *common, "--preserved", str(facts)) == 0
+    state = Ledger.load(cli_env["out"]).state
+    assert state["preserved"] == {"facts": 3, "sha256": facts_digest(load_requests(facts)), "weight": 0.1}
+
+    env2 = {**cli_env, "model": cli_env["out"]}
+    assert _edit_cli(env2, *common, "--preserved", str(facts), out=cli_env["tmp"] / "o2") == 0
+    assert _edit_cli(env2, *common, out=cli_env["tmp"] / "o3") == 0
+    assert Ledger.load(cli_env["tmp"] / "o3").state["preserved"] == state["preserved"]
+    capsys.readouterr()
+    assert _edit_cli(env2, *common, "--preserved", str(other), out=cli_env["tmp"] / "o4") == 2
+    assert "--preserved differs" in capsys.readouterr().err
+
+    plain = cli_env["tmp"] / "plain"
+    assert _edit_cli(cli_env, *common, out=plain) == 0
+    capsys.readouterr()
+    assert (
+        _edit_cli({**cli_env, "model": plain}, *common, "--preserved", str(facts), out=cli_env["tmp"] / "o5")
+        == 2
+    )
+    assert "first edit" in capsys.readouterr().err
+    assert _edit_cli(cli_env, "--method", "memit", "--preserved", str(facts), out=cli_env["tmp"] / "o6") == 2
+    assert "null space" in capsys.readouterr().err
+    assert not (cli_env["tmp"] / "o6").exists()
 
 
 def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, monkeypatch):

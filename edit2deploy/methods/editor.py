@@ -19,7 +19,14 @@ from ..requests import EditRequest
 from .keys import KeyPasses, context_templates
 from .neighbours import neighbour_requests
 from .retry import resolve_failed
-from .solves import alphaedit_update, encore_update, memit_update, null_space_basis, projector
+from .solves import (
+    alphaedit_update,
+    encore_update,
+    memit_update,
+    mixed_covariance,
+    null_space_basis,
+    projector,
+)
 from .values import ValueHParams, ValueResult, optimise_values
 
 if TYPE_CHECKING:
@@ -58,6 +65,9 @@ class EditConfig:
     # `neighbour_null`: the neighbour keys shape AlphaEdit's null space instead (per batch, from C plus their
     # covariance scaled to C's trace times `neighbour_weight`); the ‖ΔW Kn‖² term is then not added.
     neighbour_null: bool = False
+    # Preserved facts (methods/preserved.py, `edit --preserved`): their keys' covariance joins C at this weight
+    # (times C's trace) when the null space is built, so the update leaves those facts alone.
+    preserve_weight: float = 0.1
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -74,6 +84,7 @@ class LayerState:
 
     _projected_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _projected_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _sandwiched_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def projector(self) -> torch.Tensor:
         """P = U Uᵀ, formed once (d_in² · rank multiply-adds, as much as the solve itself)."""
@@ -95,6 +106,12 @@ class LayerState:
         if self._projected_covariance is None:
             self._projected_covariance = self.projector() @ C.to(torch.float64)
         return self._projected_covariance
+
+    def sandwiched_covariance(self, C: torch.Tensor) -> torch.Tensor:
+        """P C P for the λ_∅ term (= P C when P is C's own eigenprojector, not with preserved facts)."""
+        if self._sandwiched_covariance is None:
+            self._sandwiched_covariance = self.projected_covariance(C) @ self.projector()
+        return self._sandwiched_covariance
 
     def add_keys(self, K: torch.Tensor) -> None:
         """An applied batch's keys join Σ Kp Kpᵀ."""
@@ -136,6 +153,7 @@ def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None)
         P_C=state.projected_covariance(C) if cfg.lambda_null else None,
         D=drift if cfg.null_drift else None,
         Kn=Kn,
+        P_C_P=state.sandwiched_covariance(C) if cfg.lambda_null else None,
     )
 
 
@@ -204,6 +222,7 @@ class Editor:
         quiet: bool = False,
         base: dict[int, torch.Tensor] | None = None,
         names: Sequence[str] = (),
+        preserved: dict[int, torch.Tensor] | None = None,
     ):
         self.lm, self.cfg, self.quiet = lm, cfg, quiet
         self.names = list(names)  # other subjects for neighbour keys (stats.corpus_names)
@@ -213,6 +232,14 @@ class Editor:
         if cfg.neighbour_null and not self.spec.uses_projector:
             raise UsageError(
                 f"neighbour_null needs a method with a null space (alphaedit, default), not {cfg.method}"
+            )
+        if preserved and not self.spec.uses_projector:
+            raise UsageError(
+                f"preserved facts shape the null space of alphaedit and default; {cfg.method} has none"
+            )
+        if preserved and cfg.neighbour_null:
+            raise UsageError(
+                "neighbour_null and preserved facts both reshape the null space; use one of them"
             )
         self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
         mpes = self.spec.mpes if cfg.values.mpes is None else cfg.values.mpes
@@ -225,7 +252,12 @@ class Editor:
                 d_in = stats[li].shape[0]
                 self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
             if self.spec.uses_projector and self.state[li].null_basis is None:
-                self.state[li].null_basis = null_space_basis(stats[li], cfg.tau, cfg.tau_relative)
+                # preserved facts (`preserved`: their keys' covariance per layer) count once, here: the basis
+                # is kept with the method state, so later batches and runs protect them too
+                kept = stats[li]
+                if preserved and li in preserved:
+                    kept = mixed_covariance(stats[li], preserved[li], cfg.preserve_weight)
+                self.state[li].null_basis = null_space_basis(kept, cfg.tau, cfg.tau_relative)
         # W0 of each edited layer (stored layout) for `null_drift`: the caller's (an earlier run's originals),
         # else the weights as they are now (nothing drifted yet).
         self.base: dict[int, torch.Tensor] = {}
@@ -318,10 +350,8 @@ class Editor:
     def _neighbour_null_state(self, li: int, Kn: torch.Tensor) -> LayerState:
         """This batch's layer state with the null space of C + w·(tr C / tr Cn)·Cn, Cn = Kn Knᵀ / n: the
         directions the neighbours use leave the null space (the persisted basis is not changed)."""
-        C = self.C[li].to(torch.float64)
         Kn = Kn.to(torch.float64)
-        Cn = Kn @ Kn.T / Kn.shape[1]
-        mixed = C + self.cfg.neighbour_weight * float(C.trace() / Cn.trace().clamp_min(1e-30)) * Cn
+        mixed = mixed_covariance(self.C[li], Kn @ Kn.T / Kn.shape[1], self.cfg.neighbour_weight)
         basis = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative)
         return LayerState(KpKpT=self.state[li].KpKpT, null_basis=basis)
 

@@ -64,13 +64,16 @@ def alphaedit_update(
     P_C: torch.Tensor | None = None,
     D: torch.Tensor | None = None,
     Kn: torch.Tensor | None = None,
+    P_C_P: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + Kn Knᵀ P + K Kᵀ P + λ_∅ C P + α I)⁻¹   (λ_∅ = 0, no Kn in the paper).
+    """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + Kn Knᵀ P + K Kᵀ P + λ_∅ P C P + α I)⁻¹   (λ_∅ = 0, no Kn in the paper).
 
-    Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
-    λ_∅ C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ (P is C's eigenprojector, so C P = P C): the preserved keys' energy
-    that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere.
-    `P_KpKpT`, `P_C`: P Kp Kpᵀ and P C when the caller keeps them across batches (else formed here).
+    Transposed: ΔWᵀ = (P Kp Kpᵀ + P K Kᵀ + λ_∅ P C P + α I)⁻¹ P K Rᵀ, so ΔW = ΔW P (ΔW k = 0 for preserved k).
+    λ_∅ P C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ when P is C's eigenprojector (then P C P = P C): the preserved keys'
+    energy that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere. (With
+    preserved facts P is the eigenprojector of C plus their covariance, and the sandwich is needed.)
+    `P_KpKpT`, `P_C`, `P_C_P`: P Kp Kpᵀ, P C and P C P when the caller keeps them across batches (else formed
+    here).
     `D` (d_out, d_in): the earlier batches' drift W − W0; the λ_∅ penalty then counts the whole drift on the
     preserved keys, λ_∅ tr((D + ΔW) C (D + ΔW)ᵀ), which adds −λ_∅ D C P to R Kᵀ P: each batch pulls part of
     what earlier ones moved on the preserved keys back, against ‖ΔW Kp‖ which keeps earlier edits.
@@ -88,7 +91,9 @@ def alphaedit_update(
             if C is None:
                 raise ValueError("lambda_null needs the key covariance C")
             P_C = P @ C.to(torch.float64)
-        A = A + lambda_null * P_C.to(torch.float64)
+        if P_C_P is None:
+            P_C_P = P_C.to(torch.float64) @ P
+        A = A + lambda_null * P_C_P.to(torch.float64)
     B = PK @ R.T
     if lambda_null and D is not None:
         B = B - lambda_null * (P_C.to(torch.float64) @ D.to(torch.float64).T)  # P C Dᵀ = (D C P)ᵀ
@@ -101,6 +106,12 @@ def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torc
     evals, evecs = torch.linalg.eigh(C.to(torch.float64))
     keep = (evals / evals.max() if relative else evals) < tau
     return evecs[:, keep]
+
+
+def mixed_covariance(C: torch.Tensor, Cx: torch.Tensor, weight: float) -> torch.Tensor:
+    """C + w·(tr C / tr Cx)·Cx: extra keys' second moment Cx at `weight` times C's scale, for the null space."""
+    C, Cx = _f64(C, Cx)
+    return C + weight * float(C.trace() / Cx.trace().clamp_min(1e-30)) * Cx
 
 
 def projector(U: torch.Tensor) -> torch.Tensor:
