@@ -86,9 +86,6 @@ def cmd_facts(args: argparse.Namespace) -> int:
     from .checks import PROBE_KINDS, probes_for, rates, run_probes
     from .models import open_model
     from .requests import load_requests
-
-    if args.preserved_n is not None and not args.preserved:
-        raise UsageError("--preserved-n needs --preserved")
     from .scoring import TorchScorer
 
     kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
@@ -264,6 +261,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .editing import edit_model
     from .requests import load_requests
 
+    if args.preserved_n is not None and not args.preserved:
+        raise UsageError("--preserved-n needs --preserved")
     schemes, harden = _hardening(args)
     run = edit_model(
         args.model,

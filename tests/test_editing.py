@@ -1292,6 +1292,8 @@ def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):
     assert _edit_cli(cli_env, "--method", "memit", "--preserved", str(facts), out=cli_env["tmp"] / "o6") == 2
     assert "null space" in capsys.readouterr().err
     assert not (cli_env["tmp"] / "o6").exists()
+    assert _edit_cli(cli_env, "--preserved-n", "2", out=cli_env["tmp"] / "o7") == 2
+    assert "--preserved-n needs --preserved" in capsys.readouterr().err
 
 
 def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, monkeypatch):
