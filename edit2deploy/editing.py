@@ -21,7 +21,7 @@ from .methods import EditConfig, Editor
 from .methods.editor import LayerState, check_layers, method_spec
 from .methods.harden import HardenConfig, Hardener
 from .methods.keys import context_templates, generate_prefixes
-from .methods.preserved import facts_digest, preserved_covariances
+from .methods.preserved import facts_digest, preserved_keys, second_moments
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
 from .quantsim import QuantScheme, Simulation
 from .requests import EditRequest, load_requests
@@ -166,7 +166,8 @@ def _preserved_covariances(
             )
         return None
     ledger.state["preserved"] = {"facts": len(preserved), "sha256": digest, "weight": cfg.preserve_weight}
-    return preserved_covariances(lm, preserved, context_templates(ledger.state["prefixes"]), todo, quiet)
+    templates = context_templates(ledger.state["prefixes"])
+    return second_moments(preserved_keys(lm, preserved, templates, todo, quiet))
 
 
 def apply_requests(

@@ -890,7 +890,7 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
     barely moves their keys, still moves the edit's own, and the basis it was built with is the persisted one.
     Methods without a null space, or `neighbour_null` beside them, are usage errors."""
     from edit2deploy.methods.keys import context_templates
-    from edit2deploy.methods.preserved import preserved_covariances, preserved_keys
+    from edit2deploy.methods.preserved import preserved_keys, second_moments
 
     layers = (0, 1)
     hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
@@ -901,8 +901,8 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
         stats = {li: torch.diag(torch.logspace(0, -4, d_in, dtype=torch.float64)) for li in layers}
         cfg = EditConfig(method="alphaedit", layers=layers, values=hp, preserve_weight=weight)
         templates = context_templates(PREFIXES)
-        cov = preserved_covariances(lm, PRESERVED, templates, layers, quiet=True)
-        Kf = preserved_keys(lm, PRESERVED, templates, layers, quiet=True)[0]  # layer 0's input: never edited
+        keys = preserved_keys(lm, PRESERVED, templates, layers, quiet=True)
+        cov, Kf = second_moments(keys), keys[0]  # layer 0's input: never edited
         editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, preserved=cov)
         basis = editor.state[0].null_basis.clone()
         report = editor.apply_batch(REQUESTS)
@@ -914,7 +914,7 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
     assert moved[1.0][1] > 0.2 * moved[0.0][1], moved  # the edit's keys still move
 
     lm = open_model(tiny_model_dir("llama"))
-    cov = preserved_covariances(lm, PRESERVED, context_templates(PREFIXES), layers, quiet=True)
+    cov = second_moments(preserved_keys(lm, PRESERVED, context_templates(PREFIXES), layers, quiet=True))
     with pytest.raises(UsageError, match="null space"):
         Editor(
             lm,

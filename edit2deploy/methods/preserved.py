@@ -101,12 +101,6 @@ def preserved_keys(
     return out
 
 
-def preserved_covariances(
-    lm: LoadedModel,
-    facts: Sequence[EditRequest],
-    templates: Sequence[str],
-    layers: Sequence[int],
-    quiet: bool = False,
-) -> dict[int, torch.Tensor]:
-    """Cf = E[k kᵀ] over the facts' keys, per layer (float64)."""
-    return {li: K @ K.T / K.shape[1] for li, K in preserved_keys(lm, facts, templates, layers, quiet).items()}
+def second_moments(keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Cf = E[k kᵀ] over each layer's keys (d_in, n), float64."""
+    return {li: K @ K.T / K.shape[1] for li, K in keys.items()}
