@@ -66,6 +66,28 @@ def hf_tokenize(tokenizer, prompt: str, continuation: str) -> tuple[list[int], l
     return list(prompt_ids), list(cont_ids)
 
 
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's, kept by SmolLM2, Qwen2 and others between training documents
+
+
+def document_start(tokenizer) -> list[int]:
+    """Ids to put before a generation seed so the model starts a new document, not mid-text.
+
+    Tokenizers that add a BOS themselves need none. Others (SmolLM2's, GPT-2's) were trained on documents joined by
+    `<|endoftext|>`: without it a bare first word is read as the middle of some text, and SmolLM2 continues "The" with
+    "-the-key-to-be-" instead of prose. Falls back to the BOS, then the EOS token.
+    """
+    probe = tokenizer("The", add_special_tokens=True)["input_ids"]
+    if probe and probe[0] in set(tokenizer.all_special_ids):
+        return []
+    sep = tokenizer.get_vocab().get(DOCUMENT_SEPARATOR)  # (SmolLM2's UNK is this token too)
+    if sep is not None:
+        return [sep]
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return [tid]
+    return []
+
+
 def pad_batch(
     seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:

@@ -1142,6 +1142,19 @@ def test_edit_usage_error_in_a_real_process(cli_env):
 
 # ================================================================ real model (slow)
 @pytest.mark.slow
+def test_smollm2_prefixes_are_prose(smollm2):
+    """The context prefixes start a new document: sampled from a bare first word, SmolLM2 glues on code-like pieces
+    ("The-the-key-to-be-", "I_no_remaining_items())"), which made half of every key come from such contexts."""
+    from edit2deploy.methods.keys import generate_prefixes
+
+    for seed in (0, 100):
+        prefixes = generate_prefixes(smollm2, seed=seed)
+        assert len(prefixes) == 5
+        for p in prefixes:
+            assert len(p.split()) >= 3 and not any(c in p for c in "_-"), prefixes
+
+
+@pytest.mark.slow
 def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     """4 CounterFact cases, default method, layers 4-8, statistics from 20k tokens of WikiText: every edit
     prompt now prefers the new target over the true one, which the unedited model did not."""

@@ -11,7 +11,7 @@ import torch
 from edit2deploy.checks import Probe, ProbeResult, continuation, probes_for, rates, run_probes
 from edit2deploy.models import open_model
 from edit2deploy.requests import EditRequest, Neighbor
-from edit2deploy.scoring import Scored, Scorer, TorchScorer, hf_tokenize, pad_batch
+from edit2deploy.scoring import Scored, Scorer, TorchScorer, document_start, hf_tokenize, pad_batch
 
 PAIRS = [
     ("The Eiffel Tower is located in the city of", " Paris"),
@@ -155,6 +155,13 @@ def test_bos_in_prompt_not_in_continuation(tiny_bos_gemma, tiny_llama):
     plain_p, plain_c = hf_tokenize(tiny_llama.tokenizer, "The Eiffel Tower is in", " Paris")
     assert plain_p == p_ids[1:] and plain_c == c_ids
     assert bos not in plain_p
+
+
+def test_document_start_is_the_separator_unless_the_tokenizer_adds_a_bos(tiny_llama, tiny_bos_gemma):
+    tok = tiny_llama.tokenizer  # SmolLM2's: no BOS, documents joined by <|endoftext|>
+    assert document_start(tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
+    assert tok.convert_tokens_to_ids("<|endoftext|>") != tok.bos_token_id  # not the chat's <|im_start|>
+    assert document_start(tiny_bos_gemma.tokenizer) == []  # its own BOS already starts every text
 
 
 def test_bos_changes_the_score(tiny_model_dir):

@@ -13,7 +13,7 @@ import torch
 from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import length_buckets, pad_batch
+from ..scoring import document_start, length_buckets, pad_batch
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -30,15 +30,21 @@ def generate_prefixes(
     tok, model = lm.tokenizer, lm.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start = document_start(tok)  # a new document, so the samples are prose (see `document_start`)
     out = []
     for i, word in enumerate(seeds):
-        enc = tok(word, return_tensors="pt").to(device)
+        ids = torch.tensor([start + tok(word)["input_ids"]], device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + i)
-            ids = model.generate(
-                **enc, do_sample=True, top_k=5, max_new_tokens=n_tokens - 1, pad_token_id=pad
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=5,
+                max_new_tokens=n_tokens - 1,
+                pad_token_id=pad,
             )
-        text = tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         text = " ".join((word + text).replace("{", " ").replace("}", " ").split())
         out.append(text)
     return out
