@@ -25,6 +25,7 @@ from .atomic import atomic_path
 from .errors import UsageError
 from .forward import StopForward, run_until_stop
 from .models import LoadedModel, cache_root, file_sha256
+from .scoring import document_start, pad_batch
 
 MAX_SEQ_LEN = 1024
 DEFAULT_N_TOKENS = 100_000
@@ -51,7 +52,7 @@ class Corpus:
 
 def corpus_from_path(path: str | Path | None) -> Corpus:
     if path is None:
-        return Corpus(id="generated-v1", path=None)
+        return Corpus(id="generated-v2", path=None)
     p = Path(path)
     if not p.exists():
         raise UsageError(
@@ -132,10 +133,16 @@ def corpus_token_chunks(
 def generated_token_chunks(
     lm: LoadedModel, n_tokens: int, seq_len: int = 256, batch: int = 32, seed: int = 0, quiet: bool = False
 ) -> list[list[int]]:
-    """Text the model samples itself (top-k 50), as token ids: the offline default corpus."""
+    """Text the model samples itself (top-k 50), as token ids: the offline default corpus.
+
+    Each row starts a new document (`document_start`), so the model writes prose rather than continuing some
+    text it imagines; the separator itself is not part of the chunk, as it is not part of a text corpus's.
+    """
     tok, model = lm.tokenizer, lm.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start = document_start(tok)
+    seed_ids = [tok(w, add_special_tokens=True)["input_ids"] for w in GENERATION_SEEDS]
     chunks: list[list[int]] = []
     total = 0
     bar = tqdm(total=n_tokens, desc="generating corpus", unit="tok", disable=quiet)
@@ -144,23 +151,24 @@ def generated_token_chunks(
         i = 0
         while total < n_tokens:
             rows = min(batch, -(-(n_tokens - total) // seq_len))  # no more rows than the tokens still needed
-            seeds = [GENERATION_SEEDS[(i + j) % len(GENERATION_SEEDS)] for j in range(rows)]
+            prompts = [start + seed_ids[(i + j) % len(seed_ids)] for j in range(rows)]
             i += rows
-            enc = tok(seeds, return_tensors="pt", padding=True, padding_side="left").to(device)
+            ids, mask, _, offsets = pad_batch(prompts, pad if pad is not None else 0, side="left")
             out = model.generate(
-                **enc,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 do_sample=True,
                 top_k=50,
                 max_new_tokens=seq_len,
                 pad_token_id=pad,
                 min_new_tokens=seq_len,
             )
-            for row in out:
-                ids = [int(t) for t in row if int(t) != pad or pad is None]
-                ids = ids[: n_tokens - total]
-                chunks.append(ids)
-                total += len(ids)
-                bar.update(len(ids))
+            for row, offset in zip(out.tolist(), offsets, strict=True):
+                piece = [t for t in row[offset + len(start) :] if t != pad]
+                piece = piece[: n_tokens - total]
+                chunks.append(piece)
+                total += len(piece)
+                bar.update(len(piece))
                 if total >= n_tokens:
                     break
     bar.close()

@@ -250,7 +250,7 @@ def test_corpus_path_errors(tmp_path):
 
 def test_generated_corpus(lm):
     corpus = corpus_from_path(None)
-    assert corpus.path is None and corpus.id == "generated-v1"
+    assert corpus.path is None and corpus.id == "generated-v2"
     a = generated_token_chunks(lm, 60, seq_len=12, batch=3, quiet=True)
     assert sum(map(len, a)) == 60
     seed_len = max(len(lm.tokenizer(w)["input_ids"]) for w in stats_mod.GENERATION_SEEDS)
@@ -259,6 +259,28 @@ def test_generated_corpus(lm):
     assert a != generated_token_chunks(lm, 60, seq_len=12, batch=3, seed=1, quiet=True)
     pad = lm.tokenizer.pad_token_id
     assert all(pad not in c for c in a)
+
+
+def test_generated_corpus_rows_start_a_document(lm, monkeypatch):
+    """Each row is sampled after the document separator (SmolLM2's tokenizer adds no BOS); the chunk itself
+    starts at the seed word, as a text corpus's chunk starts at its text."""
+    from edit2deploy.scoring import document_start
+
+    start = document_start(lm.tokenizer)
+    assert start == [lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    prompts = []
+    real = lm.model.generate
+
+    def generate(**kw):
+        for row, mask in zip(kw["input_ids"].tolist(), kw["attention_mask"].tolist(), strict=True):
+            prompts.append([t for t, m in zip(row, mask, strict=True) if m])
+        return real(**kw)
+
+    monkeypatch.setattr(lm.model, "generate", generate)
+    chunks = generated_token_chunks(lm, 48, seq_len=8, batch=6, quiet=True)
+    seeds = [lm.tokenizer(w)["input_ids"] for w in stats_mod.GENERATION_SEEDS[:6]]
+    assert prompts == [start + s for s in seeds]
+    assert [c[: len(s)] for c, s in zip(chunks, seeds, strict=True)] == seeds
 
 
 def test_generated_corpus_samples_only_the_rows_it_needs(lm, monkeypatch):
