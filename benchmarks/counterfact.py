@@ -14,6 +14,8 @@ WikiText-2 test (disjoint from the statistics corpus, which is read from the fil
 `--preserved-n N` passes N CounterFact train cases (from `--preserved-offset`, default 1000, so disjoint from
 the train cases 0-999 these benchmarks evaluate) to the editor as preserved facts (`edit --preserved`). Any
 whose subject occurs in an evaluated case's prompts is dropped, so no evaluated fact is protected directly.
+The default method also preserves the statistics corpus's names (`preserve_names`); those that occur in an
+evaluated prompt are left out the same way (`--set preserve_names=false` turns it off).
 """
 
 from __future__ import annotations
@@ -76,13 +78,16 @@ def evaluate(lm, requests, ppl_ids, fluency_n) -> dict:
     return q
 
 
+def scored_texts(evaluated) -> list[str]:
+    """Every prompt the benchmark scores: no fact preserved by name (train cases, corpus names) occurs in one."""
+    return [t for r in evaluated for t in (r.text, *r.paraphrases, *(nb.prompt for nb in r.neighborhood))]
+
+
 def preserved_facts(evaluated, n: int, offset: int) -> list:
     """`n` train cases from `offset`, less those whose subject occurs in an evaluated prompt."""
     if not n:
         return []
-    seen = "\n".join(
-        t for r in evaluated for t in (r.text, *r.paraphrases, *(nb.prompt for nb in r.neighborhood))
-    )
+    seen = "\n".join(scored_texts(evaluated))
     facts = load_requests(COUNTERFACT / "counterfact-train.json", limit=n, offset=offset)
     return [f for f in facts if f.subject not in seen]
 
@@ -158,6 +163,7 @@ def main() -> None:
             n_tokens=args.n_tokens,
             quiet=True,
             preserved=preserved if METHODS[method].uses_projector else (),  # they shape the null space
+            avoid=scored_texts(requests),  # the corpus names preserved leave out every scored subject
         )
         curve, retried = [], []
         t0 = time.perf_counter()

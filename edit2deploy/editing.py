@@ -21,7 +21,7 @@ from .methods import EditConfig, Editor
 from .methods.editor import LayerState, check_layers, method_spec
 from .methods.harden import HardenConfig, Hardener
 from .methods.keys import context_templates, generate_prefixes
-from .methods.preserved import facts_digest, preserved_keys, second_moments
+from .methods.preserved import facts_digest, name_facts, preserved_keys, second_moments
 from .models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
 from .quantsim import QuantScheme, Simulation
 from .requests import EditRequest, load_requests
@@ -76,11 +76,14 @@ def prepare_editor(
     n_tokens: int | None = None,
     quiet: bool = False,
     preserved: Sequence[EditRequest] = (),
+    avoid: Sequence[str] = (),
 ) -> tuple[Editor, Ledger, float]:
     """An `Editor` for `lm` with statistics, prefixes and method state (continuing an existing ledger).
 
     `preserved`: facts whose keys leave the null space when it is built (a model's first edit; see
-    `methods.preserved`); on a model whose null space exists they must be the facts it was built with."""
+    `methods.preserved`); on a model whose null space exists they must be the facts it was built with.
+    With `cfg.preserve_names` the statistics corpus's names join them, less those occurring in `avoid`
+    (the texts about to be edited)."""
     spec = method_spec(cfg.method)
     layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)  # before any work
     if preserved and not spec.uses_projector:
@@ -121,8 +124,17 @@ def prepare_editor(
             )
         names = ledger.state["names"]
     state = _state_from_ledger(ledger, layers)
+    unbuilt = [li for li in layers if li not in state or state[li].null_basis is None]
+    named: list[EditRequest] = []
+    if cfg.preserve_names and spec.uses_projector and not cfg.neighbour_null and unbuilt:
+        all_names = corpus_names(
+            lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+        )
+        named = name_facts(all_names, avoid)
     preserved_cov = (
-        _preserved_covariances(lm, ledger, state, layers, preserved, cfg, quiet) if preserved else None
+        _preserved_covariances(lm, ledger, unbuilt, preserved, named, cfg, quiet)
+        if preserved or named
+        else None
     )
     stats_seconds = time.perf_counter() - t
     editor = Editor(
@@ -142,32 +154,38 @@ def prepare_editor(
 def _preserved_covariances(
     lm: LoadedModel,
     ledger: Ledger,
-    state: dict[int, LayerState],
-    layers: Sequence[int],
+    unbuilt: Sequence[int],
     preserved: Sequence[EditRequest],
+    named: Sequence[EditRequest],
     cfg: EditConfig,
     quiet: bool,
 ) -> dict[int, torch.Tensor] | None:
-    """The preserved facts' key covariance for the layers whose null space is still to be built (None when
-    all exist: the persisted basis already holds the facts), recorded in the ledger's method state."""
+    """The key covariance of the preserved facts (the user's, then the corpus names') for the layers whose null
+    space is still to be built (None when all exist: the persisted basis already holds them), recorded in the
+    ledger's method state."""
     digest = facts_digest(preserved)
     recorded = ledger.state.get("preserved")
-    if recorded is not None and recorded["sha256"] != digest:
+    had_facts = recorded is not None and recorded["facts"] > 0
+    if preserved and had_facts and recorded["sha256"] != digest:
         raise UsageError(
             "--preserved differs from the facts this model's null space was built with at its first edit "
             f"({recorded['facts']} facts); omit --preserved to continue with those"
         )
-    todo = [li for li in layers if li not in state or state[li].null_basis is None]
-    if not todo:
-        if recorded is None:
+    if not unbuilt:
+        if preserved and not had_facts:
             raise UsageError(
                 "--preserved: this model's null space was built at its first edit without preserved facts; "
                 "they can only be given with a model's first edits"
             )
         return None
-    ledger.state["preserved"] = {"facts": len(preserved), "sha256": digest, "weight": cfg.preserve_weight}
+    ledger.state["preserved"] = {
+        "facts": len(preserved),
+        "sha256": digest,
+        "names": len(named),
+        "weight": cfg.preserve_weight,
+    }
     templates = context_templates(ledger.state["prefixes"])
-    return second_moments(preserved_keys(lm, preserved, templates, todo, quiet))
+    return second_moments(preserved_keys(lm, [*preserved, *named], templates, unbuilt, quiet))
 
 
 def apply_requests(
@@ -273,8 +291,9 @@ def edit_model(
         raise UsageError(f"--out {out} already exists (use --force to replace it)")
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    edited_texts = [t for r in requests for t in (r.text, *r.paraphrases)]
     editor, ledger, stats_seconds = prepare_editor(
-        lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved
+        lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved, avoid=edited_texts
     )
     hardener = None
     if harden_for:

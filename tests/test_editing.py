@@ -928,6 +928,51 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
         Editor(lm, cfg, _identity_stats(lm, layers), PREFIXES, names=["Ada Lovelace"], preserved=cov)
 
 
+def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp_path, monkeypatch):
+    """`preserve_names`: the statistics corpus's names are preserved facts when the null space is built, except
+    names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, or
+    for a method without a null space, none are read."""
+    from edit2deploy import editing
+    from edit2deploy.editing import prepare_editor
+    from edit2deploy.methods.preserved import facts_digest
+
+    monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "Ada Lovelace wrote the first program, and Alan Turing broke codes at Bletchley Park.\n\n" * 12
+    )
+    seen: list[list[str]] = []
+    real = editing.preserved_keys
+
+    def spy(lm, facts, *args, **kw):
+        seen.append([f.subject for f in facts])
+        return real(lm, facts, *args, **kw)
+
+    monkeypatch.setattr(editing, "preserved_keys", spy)
+    model_dir = tiny_model_dir("llama")
+    avoid = ["Alan Turing was born in"]
+    bases = {}
+    for on in (True, False):
+        cfg = EditConfig(layers=(0, 1), preserve_names=on)
+        editor, ledger, _ = prepare_editor(open_model(model_dir), cfg, corpus, 200, quiet=True, avoid=avoid)
+        bases[on] = editor.state[0].null_basis
+        if on:
+            (subjects,) = seen
+            assert "Ada Lovelace" in subjects and "Bletchley Park" in subjects
+            assert not any(n in avoid[0] for n in subjects)  # "Alan Turing" (and "Alan", "Turing") are edited
+            assert ledger.state["preserved"] == {
+                "facts": 0,
+                "sha256": facts_digest([]),
+                "names": len(subjects),
+                "weight": 0.1,
+            }
+        else:
+            assert len(seen) == 1 and "preserved" not in ledger.state
+    assert bases[True].shape[1] < bases[False].shape[1]  # the names took directions out of the null space
+    prepare_editor(open_model(model_dir), EditConfig(method="memit", layers=(0, 1)), corpus, 200, quiet=True)
+    assert len(seen) == 1
+
+
 def test_editor_null_drift_passes_the_earlier_drift_to_the_solve(fresh_llama, monkeypatch):
     """`null_drift`: each layer's solve gets D = W − W0 as it is before this batch touches it (zero on a fresh
     model, the earlier batches' sum after them; W0 from `base` when the model was edited before), and the
@@ -1212,7 +1257,7 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
             "smollm2-135m",
             requests,
             tmp_path / name,
-            cfg=EditConfig(layers=(4, 5, 6, 7, 8)),
+            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=False),  # the facts alone
             corpus=corpus,
             n_tokens=20_000,
             quiet=True,
@@ -1226,6 +1271,50 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
         results = run_probes(TorchScorer(edited.model, edited.tokenizer), probes_for(requests, ["edit"]))
         assert rates(results)["edit"] == 100.0, (name, [(r.probe.prompt, r.margin) for r in results])
     assert moved["preserved"] < 0.5 * moved["plain"], moved
+
+
+@pytest.mark.slow
+def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_path):
+    """On the real model, the default preserves the statistics corpus's names: the first edited layer's update
+    moves their keys less than with `preserve_names` off, and the edits still take."""
+    from edit2deploy.checks import probes_for, rates, run_probes
+    from edit2deploy.editing import edit_model
+    from edit2deploy.ledger import Ledger
+    from edit2deploy.methods.keys import context_templates
+    from edit2deploy.methods.preserved import name_facts, preserved_keys
+    from edit2deploy.models import weights_fingerprint
+    from edit2deploy.requests import load_requests
+    from edit2deploy.scoring import TorchScorer
+    from edit2deploy.stats import corpus_from_path, corpus_names
+
+    requests = load_requests(COUNTERFACT_VAL, limit=4)
+    corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    arch, w4 = smollm2.arch, smollm2.arch.get_weight(smollm2.model, 4).detach().double()
+    moved = {}
+    for on in (False, True):
+        run = edit_model(
+            "smollm2-135m",
+            requests,
+            tmp_path / str(on),
+            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=on),
+            corpus=corpus,
+            n_tokens=20_000,
+            quiet=True,
+        )
+        edited = open_model(run.out)
+        state = Ledger.load(run.out).state
+        names = corpus_names(
+            smollm2, weights_fingerprint(smollm2.model_dir), corpus_from_path(corpus), 20_000
+        )
+        facts = name_facts(names, [t for r in requests for t in (r.text, *r.paraphrases)])[:200]
+        assert len(facts) == 200 and (state["preserved"]["names"] > 200 if on else "preserved" not in state)
+        Kn = preserved_keys(smollm2, facts, context_templates(state["prefixes"]), (4,), quiet=True)[4]
+        dW = arch.to_out_in(arch.get_weight(edited.model, 4).detach().double() - w4)
+        moved[on] = float((dW @ Kn).norm() / Kn.norm())
+        results = run_probes(TorchScorer(edited.model, edited.tokenizer), probes_for(requests, ["edit"]))
+        assert rates(results)["edit"] == 100.0, (on, [(r.probe.prompt, r.margin) for r in results])
+    # thousands of names share the 0.1 weight, so each is held less than a few named facts (0.66x measured)
+    assert moved[True] < 0.75 * moved[False], moved
 
 
 @pytest.mark.slow
@@ -1284,7 +1373,8 @@ def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):
     common = ("--n-tokens", "2000", "--method", "alphaedit")
     assert _edit_cli(cli_env, *common, "--preserved", str(facts)) == 0
     state = Ledger.load(cli_env["out"]).state
-    assert state["preserved"] == {"facts": 3, "sha256": facts_digest(load_requests(facts)), "weight": 0.1}
+    recorded = {k: v for k, v in state["preserved"].items() if k != "names"}  # corpus names: their own test
+    assert recorded == {"facts": 3, "sha256": facts_digest(load_requests(facts)), "weight": 0.1}
 
     env2 = {**cli_env, "model": cli_env["out"]}
     assert _edit_cli(env2, *common, "--preserved", str(facts), out=cli_env["tmp"] / "o2") == 0

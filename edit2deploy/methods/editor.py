@@ -68,6 +68,10 @@ class EditConfig:
     # Preserved facts (methods/preserved.py, `edit --preserved`): their keys' covariance joins C at this weight
     # (times C's trace) when the null space is built, so the update leaves those facts alone.
     preserve_weight: float = 0.1
+    # The statistics corpus's names (`stats.corpus_names`) join the preserved facts when the null space is built,
+    # less those in the texts being edited: subjects asked about in fact prompts use the null space about twice
+    # as much as running text, so without them an edit also moves other names (RESULTS.md, stop 25).
+    preserve_names: bool = True
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:

@@ -29,6 +29,16 @@ from .keys import locate_in_template, pad_id
 MAX_ROWS = 64  # rows per forward pass: bounds memory and keeps the progress bar moving
 
 
+NAME_TEMPLATE = "{} is"  # a name's key sees only the context and the name (causal), so what follows is moot
+
+
+def name_facts(names: Sequence[str], avoid: Sequence[str] = ()) -> list[EditRequest]:
+    """Corpus names as preserved facts, less any that occurs in `avoid` (the texts being edited: a subject whose
+    key left the null space would be harder to edit)."""
+    text = "\n".join(avoid)
+    return [EditRequest(prompt=NAME_TEMPLATE, subject=n, target_new=" a") for n in names if n not in text]
+
+
 def facts_digest(facts: Sequence[EditRequest]) -> str:
     """SHA-256 of what the keys depend on (prompt and subject of each fact, in order)."""
     return hashlib.sha256(json.dumps([[f.prompt, f.subject] for f in facts]).encode()).hexdigest()
