@@ -126,7 +126,7 @@ def prepare_editor(
     state = _state_from_ledger(ledger, layers)
     unbuilt = [li for li in layers if li not in state or state[li].null_basis is None]
     named: list[EditRequest] = []
-    if cfg.preserve_names and spec.uses_projector and not cfg.neighbour_null and unbuilt:
+    if cfg.preserve_names and spec.preserves_names and not cfg.neighbour_null and unbuilt:
         all_names = corpus_names(
             lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
         )

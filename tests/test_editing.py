@@ -930,8 +930,8 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
 
 def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp_path, monkeypatch):
     """`preserve_names`: the statistics corpus's names are preserved facts when the null space is built, except
-    names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, or
-    for a method without a null space, none are read."""
+    names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, for a
+    method without a null space, or for `alphaedit` (as published), none are read."""
     from edit2deploy import editing
     from edit2deploy.editing import prepare_editor
     from edit2deploy.methods.preserved import facts_digest
@@ -969,7 +969,10 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
         else:
             assert len(seen) == 1 and "preserved" not in ledger.state
     assert bases[True].shape[1] < bases[False].shape[1]  # the names took directions out of the null space
-    prepare_editor(open_model(model_dir), EditConfig(method="memit", layers=(0, 1)), corpus, 200, quiet=True)
+    for method in ("memit", "alphaedit"):  # no null space / AlphaEdit as published
+        prepare_editor(
+            open_model(model_dir), EditConfig(method=method, layers=(0, 1)), corpus, 200, quiet=True
+        )
     assert len(seen) == 1
 
 

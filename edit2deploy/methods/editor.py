@@ -68,7 +68,8 @@ class EditConfig:
     # Preserved facts (methods/preserved.py, `edit --preserved`): their keys' covariance joins C at this weight
     # (times C's trace) when the null space is built, so the update leaves those facts alone.
     preserve_weight: float = 0.1
-    # The statistics corpus's names (`stats.corpus_names`) join the preserved facts when the null space is built,
+    # The statistics corpus's names (`stats.corpus_names`) join the preserved facts when the default method's null
+    # space is built (alphaedit stays as published),
     # less those in the texts being edited: subjects asked about in fact prompts use the null space about twice
     # as much as running text, so without them an edit also moves other names (RESULTS.md, stop 25).
     preserve_names: bool = True
@@ -133,6 +134,8 @@ class MethodSpec:
     solve: Callable[..., torch.Tensor]  # (K, R, C, state, cfg, drift, Kn) -> ΔW (d_out, d_in) float64
     mpes: bool
     uses_projector: bool = False
+    # the statistics corpus's names join the preserved facts of its null space (`EditConfig.preserve_names`)
+    preserves_names: bool = False
     description: str = ""
 
 
@@ -180,6 +183,7 @@ METHODS: dict[str, MethodSpec] = {
             _alphaedit,
             mpes=True,
             uses_projector=True,
+            preserves_names=True,
             description="AlphaEdit's null-space solve + ENCORE's MPES (α acts as the norm weight)",
         ),
     )
