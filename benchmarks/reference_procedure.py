@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from edit2deploy.methods.keys import pad_id
 from edit2deploy.methods.values import (
     ValueHParams,
     ValueResult,
@@ -25,7 +24,7 @@ from edit2deploy.methods.values import (
 )
 from edit2deploy.models import LoadedModel
 from edit2deploy.requests import EditRequest
-from edit2deploy.scoring import pad_batch
+from edit2deploy.scoring import pad_batch, pad_id
 
 
 def reference_values(

@@ -66,6 +66,12 @@ def hf_tokenize(tokenizer, prompt: str, continuation: str) -> tuple[list[int], l
     return list(prompt_ids), list(cont_ids)
 
 
+def pad_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS, else 0 (masked out either way)."""
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pid if pid is not None else 0
+
+
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's, kept by SmolLM2, Qwen2 and others between training documents
 
 
@@ -140,8 +146,7 @@ class TorchScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.padding_side = padding_side
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad if pad is not None else 0
+        self.pad_id = pad_id(tokenizer)
 
     def tokenize(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
         return hf_tokenize(self.tokenizer, prompt, continuation)

@@ -25,7 +25,7 @@ from .atomic import atomic_path
 from .errors import UsageError
 from .forward import StopForward, run_until_stop
 from .models import LoadedModel, cache_root, file_sha256
-from .scoring import document_start, pad_batch
+from .scoring import document_start, pad_batch, pad_id
 
 MAX_SEQ_LEN = 1024
 DEFAULT_N_TOKENS = 100_000
@@ -153,7 +153,7 @@ def generated_token_chunks(
             rows = min(batch, -(-(n_tokens - total) // seq_len))  # no more rows than the tokens still needed
             prompts = [start + seed_ids[(i + j) % len(seed_ids)] for j in range(rows)]
             i += rows
-            ids, mask, _, offsets = pad_batch(prompts, pad if pad is not None else 0, side="left")
+            ids, mask, _, offsets = pad_batch(prompts, pad_id(tok), side="left")
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

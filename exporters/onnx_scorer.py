@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edit2deploy.errors import UsageError
-from edit2deploy.scoring import Scored
+from edit2deploy.scoring import Scored, pad_id
 
 GENAI_CONFIG = "genai_config.json"
 PROVIDERS = ("cpu", "cuda")
@@ -229,8 +229,7 @@ class OrtScorer:
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad if pad is not None else 0
+        self.pad_id = pad_id(tokenizer)
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - set(self._inputs)
         if missing:

@@ -69,9 +69,9 @@ class EditConfig:
     # (times C's trace) when the null space is built, so the update leaves those facts alone.
     preserve_weight: float = 0.1
     # The statistics corpus's names (`stats.corpus_names`) join the preserved facts when the default method's null
-    # space is built (alphaedit stays as published),
-    # less those in the texts being edited: subjects asked about in fact prompts use the null space about twice
-    # as much as running text, so without them an edit also moves other names (RESULTS.md, stop 25).
+    # space is built, less those in the texts being edited (not with `neighbour_null`, which reshapes it per batch;
+    # alphaedit stays as published): subjects asked about in fact prompts use the null space about twice as much as
+    # running text, so without them an edit also moves other names (RESULTS.md, stop 25).
     preserve_names: bool = True
     values: ValueHParams = field(default_factory=ValueHParams)
 

@@ -13,7 +13,7 @@ import torch
 from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import document_start, length_buckets, pad_batch
+from ..scoring import document_start, length_buckets, pad_batch, pad_id
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -85,11 +85,6 @@ def locate_in_template(tokenizer, template: str, request: EditRequest) -> Locate
     text = template.replace("{}", request.text, 1)
     start = len(prefix) + request.prompt.index("{}")
     return locate_subject(tokenizer, text, start, start + len(request.subject))
-
-
-def pad_id(tokenizer) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pid if pid is not None else 0
 
 
 class KeyPasses:

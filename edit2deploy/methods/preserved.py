@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..forward import StopForward, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import length_buckets, pad_batch
-from .keys import locate_in_template, pad_id
+from ..scoring import length_buckets, pad_batch, pad_id
+from .keys import locate_in_template
 
 MAX_ROWS = 64  # rows per forward pass: bounds memory and keeps the progress bar moving
 

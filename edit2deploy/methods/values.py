@@ -28,8 +28,8 @@ from ..forward import (
 )
 from ..models import LoadedModel
 from ..requests import EditRequest
-from ..scoring import length_buckets, pad_batch
-from .keys import locate_in_template, locate_subject, pad_id
+from ..scoring import length_buckets, pad_batch, pad_id
+from .keys import locate_in_template, locate_subject
 
 
 @dataclass(frozen=True)
