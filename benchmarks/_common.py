@@ -169,7 +169,7 @@ def write_json(path: str | None, doc: dict) -> None:
 
 def rates_of(lm, requests) -> dict:
     """ES / PS / NS (0-100) of a torch model on CounterFact-style requests."""
-    from edit2deploy.checks import probes_for, rates, run_probes
+    from edit2deploy.probes import probes_for, rates, run_probes
     from edit2deploy.scoring import TorchScorer
 
     r = rates(run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests)))

@@ -38,7 +38,7 @@ from _common import (
     write_json,
 )
 
-from edit2deploy.editing import apply_requests, prepare_editor
+from edit2deploy.ops.edit import apply_requests, prepare_editor
 from edit2deploy.methods import METHODS
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests
@@ -127,7 +127,7 @@ def main() -> None:
     print(
         f"machine: {machine()}\n{len(requests)} {args.split} cases, batch {args.batch_size}, layers {args.layers}"
     )
-    from edit2deploy.config import edit_config_from
+    from edit2deploy.ops.settings import edit_config_from
 
     preserved = preserved_facts(requests, args.preserved_n, args.preserved_offset)
     if preserved:

@@ -16,8 +16,8 @@ import torch
 from _common import COUNTERFACT, WIKITEXT, machine, print_variants, speed_variants, variant_result, write_json
 from reference_procedure import reference_values
 
-from edit2deploy.config import parse_layers
-from edit2deploy.editing import apply_requests, prepare_editor
+from edit2deploy.ops.settings import parse_layers
+from edit2deploy.ops.edit import apply_requests, prepare_editor
 from edit2deploy.methods import EditConfig
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests

@@ -64,8 +64,8 @@ def converter_startup(converter: Path) -> float:
 
 
 def llama_cpp_export(converter: Path, model_dir: Path, quant: str, out: Path, threads: int | None) -> float:
-    from edit2deploy.exporters.gguf_quant import llama_quantize
-    from edit2deploy.exporters.gguf_types import quant_spec
+    from edit2deploy.formats.gguf.quant import llama_quantize
+    from edit2deploy.formats.gguf.constants import quant_spec
 
     if quant in CONVERTER_TYPES:
         return run_converter(converter, model_dir, CONVERTER_TYPES[quant], out)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "note: llama.cpp's converter imports sentencepiece for llama-family models: pip install sentencepiece"
         )
 
-    from edit2deploy.exporters import FORMATS
+    from edit2deploy.formats import FORMATS
 
     from edit2deploy.models import resolve_model_dir, source_gguf
 

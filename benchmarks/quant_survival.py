@@ -21,19 +21,19 @@ import time
 from pathlib import Path
 
 from _common import COUNTERFACT, WIKITEXT, machine, print_table, write_json
-from edit2deploy.exporters import get_format
+from edit2deploy.formats import get_format
 
-from edit2deploy.checks import run_probes
-from edit2deploy.cli_deploy import baseline_path
-from edit2deploy.cli_predict import build_scheme, parse_schemes
-from edit2deploy.editing import edit_model
+from edit2deploy.probes import run_probes
+from edit2deploy.cli.deploy import baseline_path
+from edit2deploy.cli.predict import build_scheme, parse_schemes
+from edit2deploy.ops.edit import edit_model
 from edit2deploy.ledger import Ledger
 from edit2deploy.methods.harden import HardenConfig
 from edit2deploy.models import open_model, resolve_model_dir
 from edit2deploy.quantsim import Simulation, predict, suite
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer
-from edit2deploy.verify import EDITED_KINDS, Gates, verify
+from edit2deploy.gates import EDITED_KINDS, Gates, verify
 
 
 def _edit(requests, out: Path, batch_size: int, harden=None, cfg: HardenConfig | None = None) -> float:

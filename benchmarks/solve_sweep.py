@@ -31,8 +31,8 @@ from _common import (
     write_json,
 )
 
-from edit2deploy.config import edit_config_from, parse_layers
-from edit2deploy.editing import prepare_editor
+from edit2deploy.ops.settings import edit_config_from, parse_layers
+from edit2deploy.ops.edit import prepare_editor
 from edit2deploy.methods.editor import Editor, check_layers
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests

@@ -36,8 +36,8 @@ from _common import (
 )
 
 from edit2deploy import api
-from edit2deploy.config import parse_layers
-from edit2deploy.editing import apply_requests, prepare_editor, write_model
+from edit2deploy.ops.settings import parse_layers
+from edit2deploy.ops.edit import apply_requests, prepare_editor, write_model
 from edit2deploy.methods import EditConfig
 from edit2deploy.models import open_model
 from edit2deploy.requests import load_requests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 TEMP_MARK = ".tmp-"
 
 
-def _temp_sibling(final: Path) -> Path:
+def temp_sibling(final: Path) -> Path:
     return final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -47,6 +48,22 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
     return removed
 
 
+def clean_stale_temps(directory: Path) -> list[Path]:
+    """Delete temporaries (".<name>.tmp-<pid>-..."; nested ones too) left in `directory` by dead processes."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if not p.name.startswith(".") or TEMP_MARK not in p.name:
+            continue
+        pids = [int(m) for m in re.findall(re.escape(TEMP_MARK) + r"(\d+)-", p.name)]
+        if not pids or any(_pid_alive(pid) for pid in pids):
+            continue
+        remove_path(p)
+        removed.append(p)
+    return removed
+
+
 def remove_path(p: Path) -> None:
     """Delete a file or directory tree (a link is removed, not followed); missing is fine."""
     if p.is_dir() and not p.is_symlink():
@@ -66,7 +83,7 @@ def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(final)
+    tmp = temp_sibling(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -77,7 +94,7 @@ def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
         if final.exists() or final.is_symlink():
             if not replace:
                 raise FileExistsError(f"{final} already exists")
-            old = _temp_sibling(final)
+            old = temp_sibling(final)
             os.rename(final, old)
             try:
                 os.rename(tmp, final)
@@ -98,7 +115,7 @@ def atomic_file(final: Path | str, mode: str = "wb") -> Iterator:
     """Open a temporary file next to `final` for writing; fsync and rename it over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(final)
+    tmp = temp_sibling(final)
     try:
         with open(tmp, mode) as fh:
             yield fh
@@ -119,7 +136,7 @@ def atomic_path(final: Path | str) -> contextlib.AbstractContextManager[Path]:
 @contextlib.contextmanager
 def _atomic_path(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(final)
+    tmp = temp_sibling(final)
     try:
         yield tmp
         os.replace(tmp, final)

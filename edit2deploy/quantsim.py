@@ -21,11 +21,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .checks import Probe, ProbeResult, probes_for, run_probes
+from .probes import EDITED_KINDS, PRESERVED_KINDS, RATE_KINDS, Probe, ProbeResult, probes_for, run_probes
 from .models import LoadedModel
 from .requests import EditRequest
 from .scoring import Scorer, TorchScorer
-from .verify import EDITED_KINDS, PRESERVED_KINDS, preserved_probes
+from .gates import preserved_probes
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
 
@@ -245,10 +245,7 @@ class Prediction:
                 "edited": self.survival(EDITED_KINDS),
                 "preserved": self.survival(PRESERVED_KINDS),
             },
-            "rates": {
-                which: {k: self.rate(k, which) for k in ("edit", "paraphrase", "neighborhood", "preserved")}
-                for which in ("fp32", "predicted")
-            },
+            "rates": {which: {k: self.rate(k, which) for k in RATE_KINDS} for which in ("fp32", "predicted")},
             "stored_types": self.stored_types,
             "facts": [r.to_json() for r in self.rows],
         }

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import FACTS, ROOT, tree_digest
-from edit2deploy.exporters import FORMATS, Exporter, detect_format, get_format
-from edit2deploy.exporters.bnb import META_FILE, check_artifact, is_bnb_dir, load_artifact, stored_types
+from edit2deploy.formats import FORMATS, Format, Target, detect_format, get_format, parse_targets
+from edit2deploy.formats.base import RECORD_FILE as META_FILE
+from edit2deploy.formats.bnb.export import check_artifact, is_bnb_dir, stored_types
 
 from edit2deploy import cli
-from edit2deploy.checks import probes_for, run_probes
+from edit2deploy.probes import probes_for, run_probes
 from edit2deploy.errors import UsageError
-from edit2deploy.pipeline import Target, parse_targets
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer
 from edit2deploy.synthetic import perturbed_copy
@@ -63,10 +63,10 @@ def b_tiny_edited(b_tiny, tmp_path_factory) -> Path:
 
 # ==================================================================== registry, names, errors
 def test_registry_quants_and_targets(b_tiny, tmp_path):
-    assert "bnb" in FORMATS and isinstance(BNB, Exporter) and get_format("BNB") is BNB
-    assert BNB.quants() == ["int8", "nf4", "fp4"]
+    assert "bnb" in FORMATS and isinstance(BNB, Format) and get_format("BNB") is BNB
+    assert BNB.quants == ("int8", "nf4", "fp4")
     assert parse_targets("bnb:NF4,bnb:int8") == [Target("bnb", "nf4"), Target("bnb", "int8")]
-    assert Target("bnb", "nf4").filename == "model-bnb-nf4"
+    assert BNB.artifact_name(Target("bnb", "nf4")) == "model-bnb-nf4"
     assert not BNB.detect(b_tiny) and detect_format(b_tiny) is None  # a float HF dir is no artifact
     (tmp_path / "f.json").write_text("{}")
     assert not BNB.detect(tmp_path / "f.json") and not BNB.detect(tmp_path / "missing")
@@ -139,7 +139,7 @@ def test_int8_checkpoint_loads_back_and_scores_close_to_fp32(b_tiny, tmp_path):
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] and qc["llm_int8_skip_modules"] is None
     assert BNB.detect(art.path) and detect_format(art.path) == "bnb" and is_bnb_dir(art.path)
     assert art.type_counts == {"float32": 6, "int8": 14}  # 2 layers x 7 linears; embedding (tied head), norms
-    assert load_artifact(art.path).to_json() == art.to_json() and check_artifact(art) == []
+    assert BNB.load(art.path).to_json() == art.to_json() and check_artifact(art) == []
     scorer = BNB.scorer(art.path)
     import bitsandbytes as bnb
     from safetensors.torch import load_file
@@ -208,7 +208,7 @@ def test_check_reports_a_record_that_does_not_match(b_tiny_edited, tmp_path):
 
 @needs_bnb
 def test_paired_baseline_is_exported_the_same_way(b_tiny, b_tiny_edited, tmp_path):
-    from edit2deploy.cli_deploy import baseline_path
+    from edit2deploy.ops.baseline import baseline_path
 
     art = BNB.export(b_tiny_edited, tmp_path / "edited", "nf4", options={"double_quant": True})
     base = BNB.paired_baseline(art, b_tiny, tmp_path / "base")
@@ -268,7 +268,7 @@ def b_fp32_results(smollm2):
 @pytest.mark.parametrize("quant, min_agree", [("nf4", 0.9), ("int8", 1.0)])
 def test_smollm2_exports_load_and_keep_eiffel_paris(quant, min_agree, b_smollm2_exports, b_fp32_results):
     art = b_smollm2_exports[quant]
-    assert art.type_counts == {"float32": 62, quant: 210} and check_artifact(load_artifact(art.path)) == []
+    assert art.type_counts == {"float32": 62, quant: 210} and check_artifact(BNB.load(art.path)) == []
     scorer = BNB.scorer(art.path)
     probes, ref = b_fp32_results
     res = run_probes(scorer, probes, scorer.tokenizer.decode)
@@ -287,7 +287,7 @@ def test_smollm2_exports_load_and_keep_eiffel_paris(quant, min_agree, b_smollm2_
 def test_real_edit_runs_and_verifies_in_bitsandbytes(tmp_path, smollm2_dir, capsys):
     """Edit SmolLM2 (Eiffel Tower -> Rome), `run` to bnb:nf4 and bnb:int8, then `verify` the nf4 directory."""
     from edit2deploy import run
-    from edit2deploy.cli_run import demo_edits_path
+    from edit2deploy.ops.demo import demo_edits_path
 
     edits = tmp_path / "edits.jsonl"
     edits.write_text(next(x for x in demo_edits_path().read_text().splitlines() if '"eiffel"' in x) + "\n")

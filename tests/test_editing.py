@@ -933,7 +933,7 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
     names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, for a
     method without a null space, or for `alphaedit` (as published), none are read."""
     from edit2deploy import editing
-    from edit2deploy.editing import prepare_editor
+    from edit2deploy.ops.edit import prepare_editor
     from edit2deploy.methods.preserved import facts_digest
 
     monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / "cache"))
@@ -1038,7 +1038,7 @@ def test_editor_method_registry_and_layer_checks(tiny_llama):
 
 # ================================================================ configuration and the `edit` command's usage errors
 def test_parse_layers():
-    from edit2deploy.config import parse_layers
+    from edit2deploy.ops.settings import parse_layers
 
     assert parse_layers("4-8") == (4, 5, 6, 7, 8)
     assert parse_layers("6,4, 5") == (4, 5, 6)
@@ -1052,7 +1052,7 @@ def test_parse_layers():
 
 
 def test_edit_config_from_table():
-    from edit2deploy.config import edit_config_from
+    from edit2deploy.ops.settings import edit_config_from
 
     cfg = edit_config_from(
         {
@@ -1206,8 +1206,8 @@ def test_smollm2_prefixes_are_prose(smollm2):
 def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     """4 CounterFact cases, default method, layers 4-8, statistics from 20k tokens of WikiText: every edit
     prompt now prefers the new target over the true one, which the unedited model did not."""
-    from edit2deploy.checks import probes_for, rates, run_probes
-    from edit2deploy.editing import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
+    from edit2deploy.ops.edit import edit_model
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 
@@ -1242,8 +1242,8 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
 def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_path):
     """On the real model, 50 CounterFact train facts given as preserved: the first edited layer's update moves
     their keys (its input, which no edit changes) far less than without them, and the edits still take."""
-    from edit2deploy.checks import probes_for, rates, run_probes
-    from edit2deploy.editing import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
+    from edit2deploy.ops.edit import edit_model
     from edit2deploy.ledger import Ledger
     from edit2deploy.methods.keys import context_templates
     from edit2deploy.methods.preserved import preserved_keys
@@ -1280,8 +1280,8 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
 def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_path):
     """On the real model, the default preserves the statistics corpus's names: the first edited layer's update
     moves their keys less than with `preserve_names` off, and the edits still take."""
-    from edit2deploy.checks import probes_for, rates, run_probes
-    from edit2deploy.editing import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
+    from edit2deploy.ops.edit import edit_model
     from edit2deploy.ledger import Ledger
     from edit2deploy.methods.keys import context_templates
     from edit2deploy.methods.preserved import name_facts, preserved_keys
@@ -1324,8 +1324,8 @@ def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_pat
 def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
     """With a regulariser strong enough that some CounterFact edits do not take in one solve (λ_∅ 10,000), two
     retry rounds leave fewer failing, and the ledger's record of what still fails matches the edited model."""
-    from edit2deploy.checks import probes_for, run_probes
-    from edit2deploy.editing import edit_model
+    from edit2deploy.probes import probes_for, run_probes
+    from edit2deploy.ops.edit import edit_model
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 

@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edit2deploy.exporters import (
+from edit2deploy.formats import (
     FORMATS,
     Artifact,
-    Exporter,
+    Format,
     ExportPolicy,
     detect_format,
     get_format,
     read_sidecar,
 )
-from edit2deploy.exporters.gguf import check_artifact, file_type_name, same_tensor_bytes, tensor_types
-from edit2deploy.exporters.gguf_patch import scan
-from edit2deploy.exporters.gguf_types import protected_type, quant_spec
+from edit2deploy.formats.gguf.export import check_artifact, file_type_name, same_tensor_bytes, tensor_types
+from edit2deploy.formats.gguf.patch import scan
+from edit2deploy.formats.gguf.constants import protected_type, quant_spec
 
 from edit2deploy.errors import UsageError
 from edit2deploy.synthetic import perturbed_copy
@@ -151,14 +151,14 @@ def g_tiny_edited(tmp_path_factory, g_tiny) -> Path:
 # ==================================================================== registry, names, policy
 def test_registry_and_protocol(tmp_path):
     assert "gguf" in FORMATS
-    assert isinstance(GGUF, Exporter)
+    assert isinstance(GGUF, Format)
     assert get_format("GGUF") is GGUF
     with pytest.raises(UsageError, match="unknown export format"):
         get_format("safetensors-ultra")
     junk = tmp_path / "x.gguf"
     junk.write_bytes(b"nope")
     assert not GGUF.detect(junk) and not GGUF.detect(tmp_path) and detect_format(junk) is None
-    assert "Q4_K_M" in GGUF.quants() and "F32" in GGUF.quants()
+    assert "Q4_K_M" in GGUF.quants and "F32" in GGUF.quants
 
 
 def test_quant_names_and_policy():
@@ -190,7 +190,7 @@ def test_protection_floor():
 def test_numpy_and_llamacpp_encoders_agree():
     """gguf.quants (our numpy path) and ggml_quantize_chunk (llama.cpp) write the same bytes."""
     import gguf
-    from edit2deploy.exporters.gguf_quant import ggml_encode
+    from edit2deploy.formats.gguf.quant import ggml_encode
     from gguf import GGMLQuantizationType as QT
 
     x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
@@ -341,7 +341,7 @@ def test_tiny_scorer_order_and_prefix_reuse(g_tiny, tmp_path):
 
 @needs_llama
 def test_tiny_bf16_weights_quantize_from_a_bf16_intermediate(g_tiny, tmp_path):
-    from edit2deploy.exporters.gguf_writer import intermediate_type
+    from edit2deploy.formats.gguf.writer import intermediate_type
     from transformers import AutoModelForCausalLM
 
     d = tmp_path / "bf16"
@@ -454,7 +454,7 @@ def g_edited_exports(tmp_path_factory, g_edited_dir) -> Callable[[str], Artifact
 
 
 def _fact_pairs(limit_cf: int = 50) -> list[tuple[str, str]]:
-    from edit2deploy.checks import continuation
+    from edit2deploy.probes import continuation
     from edit2deploy.requests import load_requests
 
     pairs: list[tuple[str, str]] = []
@@ -568,7 +568,7 @@ def test_edited_exports_load_score_and_protect(quant, edited_type, g_edited_expo
 @needs_smollm2
 @needs_llama
 def test_patch_over_the_q4_1_source(g_edited_dir, g_source_gguf, tmp_path):
-    from edit2deploy.exporters.gguf_arch import ModelLayout
+    from edit2deploy.formats.gguf.arch import ModelLayout
     from gguf import GGMLQuantizationType as QT
     from gguf import quants
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edit2deploy.exporters import FORMATS, Artifact, Exporter, detect_format, get_format
-from edit2deploy.exporters.onnx import META_FILE, check_artifact, load_artifact, standalone_generate
-from edit2deploy.exporters.onnx_builder import QuantOptions, builder_extra_options, builder_node_candidates
-from edit2deploy.exporters.onnx_graph import weight_nodes
+from edit2deploy.formats import FORMATS, Artifact, Format, detect_format, get_format
+from edit2deploy.formats.base import RECORD_FILE as META_FILE
+from edit2deploy.formats.onnx.export import check_artifact, standalone_generate
+from edit2deploy.formats.onnx.builder import QuantOptions, builder_extra_options, builder_node_candidates
+from edit2deploy.formats.onnx.graph import weight_nodes
 
-from edit2deploy.checks import continuation, probes_for, run_probes
+from edit2deploy.probes import continuation, probes_for, run_probes
 from edit2deploy.errors import UsageError
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer, hf_tokenize
@@ -54,8 +55,8 @@ def _max_lp_diff(a, b) -> float:
 
 # ==================================================================== registry, options, names
 def test_registry_options_and_names(tmp_path):
-    assert "onnx" in FORMATS and isinstance(ONNX, Exporter) and get_format("ONNX") is ONNX
-    assert {"fp32", "int8", "int4"} <= set(ONNX.quants())
+    assert "onnx" in FORMATS and isinstance(ONNX, Format) and get_format("ONNX") is ONNX
+    assert {"fp32", "int8", "int4"} <= set(ONNX.quants)
     assert not ONNX.detect(tmp_path) and detect_format(tmp_path) is None
     assert builder_node_candidates("model.layers.4.mlp.down_proj.weight") == (
         "/model/layers.4/mlp/down_proj/MatMul",
@@ -127,7 +128,7 @@ def test_tiny_builder_fp32_matches_torch_with_bos(tiny_model_dir, tmp_path):
             assert (list(g.prompt_ids), list(g.target_ids)) == hf_tokenize(lm.tokenizer, p, c)
             assert g.greedy_ids == r.greedy_ids
         assert _max_lp_diff(got, ref) < 1e-3, runtime
-    loaded = load_artifact(art.path)
+    loaded = ONNX.load(art.path)
     assert isinstance(loaded, Artifact) and loaded.quant == "fp32" and check_artifact(loaded) == []
 
 
@@ -288,7 +289,7 @@ def test_smollm2_int4_protects_edited_down_proj(o_int4_edited, o_facts):
     }
     assert set(record["edited_types"].values()) == {"float32"} and record["protect_edits"] == "q8_0"
     assert sorted(record["extra"]["excluded_nodes"]) == sorted(record["edited_names"].values())
-    assert check_artifact(load_artifact(art.path)) == []
+    assert check_artifact(ONNX.load(art.path)) == []
     results = run_probes(ONNX.scorer(art), o_facts)
     assert all(np.isfinite(r.lp_expected) for r in results)
 

@@ -67,7 +67,7 @@ def _corpus(path: Path) -> Path:
     if WIKI.is_file():
         path.write_text(WIKI.read_text(encoding="utf-8")[:20_000])
     else:  # no shared data: any English text does for plumbing
-        from edit2deploy.pipeline import load_heldout
+        from edit2deploy.ops.scores import load_heldout
 
         path.write_text("\n\n".join(p + c for p, c in load_heldout().pairs) * 20)
     return path
@@ -230,7 +230,7 @@ def test_cli_run_usage_errors(env, tmp_path, capsys):
 
 
 def test_config_file_run_table(env, tmp_path, monkeypatch):
-    from edit2deploy.cli_run import run_settings
+    from edit2deploy.cli.run import run_settings
 
     toml = tmp_path / "run.toml"
     toml.write_text(
@@ -245,9 +245,11 @@ def test_config_file_run_table(env, tmp_path, monkeypatch):
     assert s["model"] == "smollm2-135m" and s["edits"] == str(tmp_path / "e.jsonl") and s["out"] == "cli-out"
     assert s["targets"] == ["gguf:Q8_0", "gguf:Q4_K_M"] and s["n_tokens"] == 500
     assert s["gates"] == ["survival=0.9", "specificity_drop=off", "efficacy=50"]
-    from edit2deploy.cli import _edit_config
+    from edit2deploy.ops.settings import edit_config
 
-    assert _edit_config(args).values.max_steps == 4
+    assert edit_config(args.config, args.set).values.max_steps == 4
+    args = cli.build_parser().parse_args(["run", "--config", str(toml), "--set", "max_steps=6", "--set", "lr=0.25"])
+    assert edit_config(args.config, args.set).values.max_steps == 6 and edit_config(args.config, args.set).values.lr == 0.25
 
 
 def test_python_api_export_and_verify(cold_warm, tmp_path):
@@ -259,9 +261,6 @@ def test_python_api_export_and_verify(cold_warm, tmp_path):
     ver = edit2deploy.verify(art, model, gates={"survival": 0, "specificity_drop": None})
     assert ver.passed and ver.baseline_agreement is not None  # the paired baseline came from the cache
     assert {r.probe.kind for r in ver.rows} == {"edit", "paraphrase", "neighborhood"}
-    from edit2deploy.verify import Gates  # the module keeps working beside the callable API name
-
-    assert edit2deploy.verify.Gates is Gates
     with pytest.raises(UsageError, match="format not available|unknown export format"):
         edit2deploy.export(model, tmp_path / "x", "mlx:q4")
 
@@ -273,7 +272,7 @@ def _is_temp(name: str) -> bool:
 
 def check_tree(out: Path) -> list[str]:
     """Problems with what a (possibly killed) run left under `out`: every file must be complete or a temporary."""
-    from edit2deploy.exporters import FORMATS
+    from edit2deploy.formats import FORMATS
 
     problems = []
     if not out.exists():
@@ -419,7 +418,7 @@ def test_sigkill_at_any_stage_leaves_complete_files_and_the_next_run_completes(e
 )
 def test_real_smollm2_run_three_edits_to_q8_0(tmp_path, smollm2_dir):
     from edit2deploy import run
-    from edit2deploy.cli_run import demo_chat, demo_edits_path
+    from edit2deploy.ops.demo import demo_chat, demo_edits_path
 
     edits = tmp_path / "edits.jsonl"
     lines = demo_edits_path().read_text().splitlines()

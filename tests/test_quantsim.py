@@ -77,12 +77,12 @@ def _gguf_tensors(path: Path) -> dict[str, np.ndarray]:
     "quant,protect", [("Q8_0", "q8_0"), ("Q4_K_M", "none"), ("Q4_K_M", "q8_0"), ("Q3_K_M", "none")]
 )
 def test_gguf_simulation_equals_the_exported_file(q_tiny, q_lm, quant, protect, tmp_path):
-    from edit2deploy.exporters import FORMATS, SIMULATORS
-    from edit2deploy.exporters.gguf_arch import ModelLayout
+    from edit2deploy.formats import FORMATS
+    from edit2deploy.formats.gguf.arch import ModelLayout
 
     art = FORMATS["gguf"].export(q_tiny, tmp_path / "m.gguf", quant, protect)
     stored = _gguf_tensors(art.path)
-    scheme = SIMULATORS["gguf"].scheme(q_tiny, quant, protect)
+    scheme = FORMATS["gguf"].scheme(q_tiny, quant, protect)
     plan = scheme.plan()
     layout = ModelLayout.open(q_tiny)
     params = dict(q_lm.model.named_parameters())
@@ -102,11 +102,11 @@ def test_gguf_simulation_equals_the_exported_file(q_tiny, q_lm, quant, protect, 
 
 @needs_llama
 def test_simulation_swaps_in_and_restores_bit_for_bit(q_tiny, q_lm):
-    from edit2deploy.exporters import SIMULATORS
+    from edit2deploy.formats import FORMATS
 
     from edit2deploy.quantsim import Simulation
 
-    sim = Simulation(q_lm, SIMULATORS["gguf"].scheme(q_tiny, "Q3_K_M", "none"))
+    sim = Simulation(q_lm, FORMATS["gguf"].scheme(q_tiny, "Q3_K_M", "none"))
     ids = torch.tensor([[1, 200, 300, 400, 500]])
     before_sha = _sha(q_lm.model)
     with torch.no_grad():
@@ -131,11 +131,11 @@ def test_simulation_swaps_in_and_restores_bit_for_bit(q_tiny, q_lm):
 
 @needs_llama
 def test_gguf_patch_plan_uses_the_base_types(q_tiny, tmp_path):
-    from edit2deploy.exporters import FORMATS, SIMULATORS
-    from edit2deploy.exporters.gguf import tensor_types
+    from edit2deploy.formats import FORMATS
+    from edit2deploy.formats.gguf.export import tensor_types
 
     base = FORMATS["gguf"].export(q_tiny, tmp_path / "base.gguf", "Q4_0", "none", edited_tensors=[]).path
-    scheme = SIMULATORS["gguf"].scheme(q_tiny, None, "q8_0", patch_base=base)
+    scheme = FORMATS["gguf"].scheme(q_tiny, None, "q8_0", patch_base=base)
     types = tensor_types(base)
     plan = scheme.plan()
     assert plan[EDITED].stored == "Q8_0"  # raised to the floor
@@ -148,8 +148,8 @@ def test_gguf_patch_plan_uses_the_base_types(q_tiny, tmp_path):
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_onnx_simulation_equals_the_exported_matmulnbits(q_tiny, q_lm, quant, tmp_path):
     import onnx
-    from edit2deploy.exporters import FORMATS, SIMULATORS
-    from edit2deploy.exporters.onnx_sim import NBits
+    from edit2deploy.formats import FORMATS
+    from edit2deploy.formats.onnx.sim import NBits
     from onnx import numpy_helper
 
     art = FORMATS["onnx"].export(q_tiny, tmp_path / "onnx", quant, "none")
@@ -162,12 +162,12 @@ def test_onnx_simulation_equals_the_exported_matmulnbits(q_tiny, q_lm, quant, tm
     bits, bs, n, k = attrs["bits"], attrs["block_size"], attrs["N"], attrs["K"]
     packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, bs * bits // 8)
     scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1)
-    plan = SIMULATORS["onnx"].scheme(q_tiny, quant, "none").plan()
+    plan = FORMATS["onnx"].scheme(q_tiny, quant, "none").plan()
     tq = plan[EDITED]
     assert tq.stored.startswith(f"int{bits}/b{bs}")
     sim = tq.fake(dict(q_lm.model.named_parameters())[EDITED].detach().float())
     # Re-quantizing the simulated weight with the same kernel is idempotent and gives the file's scales.
-    from edit2deploy.exporters.onnx_sim import matmul_nbits_fake
+    from edit2deploy.formats.onnx.sim import matmul_nbits_fake
 
     again = matmul_nbits_fake(sim, NBits(bits, bs, tq.stored.endswith("/sym")))
     torch.testing.assert_close(again, sim, rtol=0, atol=1e-6)
@@ -199,7 +199,7 @@ def _dequant_nbits(packed, scales, node, inits, bits, k):
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_bnb_simulation_matches_bitsandbytes_layers(q_tiny, q_lm, quant):
     import bitsandbytes.functional as bf
-    from edit2deploy.exporters import SIMULATORS
+    from edit2deploy.formats import FORMATS
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cfg = (
@@ -215,26 +215,26 @@ def test_bnb_simulation_matches_bitsandbytes_layers(q_tiny, q_lm, quant):
         real = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     else:
         real = layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127.0
-    plan = SIMULATORS["bnb"].scheme(q_tiny, quant, "none").plan()
+    plan = FORMATS["bnb"].scheme(q_tiny, quant, "none").plan()
     sim = plan["model.layers.0.mlp.down_proj.weight"].fake(
         dict(q_lm.model.named_parameters())["model.layers.0.mlp.down_proj.weight"].detach().float()
     )
     torch.testing.assert_close(
         sim.float(), real.reshape(sim.shape), rtol=0, atol=1e-3 if quant == "int8" else 1e-6
     )
-    protected = SIMULATORS["bnb"].scheme(q_tiny, quant, "f16").plan()
+    protected = FORMATS["bnb"].scheme(q_tiny, quant, "f16").plan()
     assert protected[EDITED].fake is None and protected[EDITED].stored == "float32"
 
 
 # ==================================================================== CLI
 def test_predict_cli_usage_errors(q_tiny):
     r = run_cli("predict", "--model", str(q_tiny), "--quant", "Q9_X", "--edits", str(FACTS))
-    assert r.returncode == 2 and "no format has this type" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no format has type" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("predict", "--model", str(q_tiny), "--quant", "int8", "--edits", str(FACTS))
     if "bnb" in r.stderr:  # bnb registered: int8 names two formats
         assert r.returncode == 2 and "ambiguous" in r.stderr
     r = run_cli("predict", "--model", str(q_tiny), "--quant", "gguf:Q4_K_M:maybe", "--edits", str(FACTS))
-    assert r.returncode == 2 and "--protect-edits" in r.stderr
+    assert r.returncode == 2 and "unknown value 'maybe'" in r.stderr
     r = run_cli("predict", "--model", str(q_tiny), "--quant", "Q8_0")  # no ledger requests in q_tiny's state
     assert r.returncode == 2
 
@@ -245,16 +245,16 @@ def test_predict_cli_usage_errors(q_tiny):
 def test_predicted_verdicts_match_llama_cpp_on_smollm2(smollm2, smollm2_dir, tmp_path):
     """Unedited SmolLM2, facts.jsonl + 30 CounterFact cases: predicted Q3_K_M verdicts vs llama.cpp's."""
     from conftest import COUNTERFACT_VAL
-    from edit2deploy.exporters import FORMATS, SIMULATORS
+    from edit2deploy.formats import FORMATS
 
-    from edit2deploy.checks import run_probes
+    from edit2deploy.probes import run_probes
     from edit2deploy.quantsim import Simulation, predict, suite
     from edit2deploy.requests import load_requests
 
     requests = load_requests(FACTS) + load_requests(COUNTERFACT_VAL, limit=30)
     probes = suite(requests)
     pred = predict(
-        Simulation(smollm2, SIMULATORS["gguf"].scheme(smollm2_dir, "Q3_K_M", "none", edited_tensors=[])),
+        Simulation(smollm2, FORMATS["gguf"].scheme(smollm2_dir, "Q3_K_M", "none", edited_tensors=[])),
         probes,
     )
     art = FORMATS["gguf"].export(smollm2_dir, tmp_path / "q3.gguf", "Q3_K_M", "none", edited_tensors=[])
@@ -276,11 +276,11 @@ def test_predicted_verdicts_match_llama_cpp_on_smollm2(smollm2, smollm2_dir, tmp
 def test_activation_rounding_matches_llama_cpp(q_tiny, q_lm, qtype_name, tmp_path):
     """One quantized layer in an otherwise F32 GGUF: llama.cpp's logits equal the simulation's once the layer's
     input is rounded like ggml-cpu does (Q8_0 / Q8_K blocks), and not without."""
-    from edit2deploy.exporters import FORMATS
-    from edit2deploy.exporters.gguf_arch import ModelLayout
-    from edit2deploy.exporters.gguf_patch import Replacement, rewrite, scan
-    from edit2deploy.exporters.gguf_quant import encode
-    from edit2deploy.exporters.gguf_sim import activation_fake, fake_quant
+    from edit2deploy.formats import FORMATS
+    from edit2deploy.formats.gguf.arch import ModelLayout
+    from edit2deploy.formats.gguf.patch import Replacement, rewrite, scan
+    from edit2deploy.formats.gguf.quant import encode
+    from edit2deploy.formats.gguf.sim import activation_fake, fake_quant
     from gguf import GGMLQuantizationType as QT
 
     from edit2deploy.quantsim import Simulation, TensorQuant
@@ -321,15 +321,15 @@ def test_activation_rounding_matches_llama_cpp(q_tiny, q_lm, qtype_name, tmp_pat
     assert err_a < err_w
 
 
-def test_parse_schemes_forms():
-    from edit2deploy.cli_predict import parse_schemes
+def test_predict_takes_the_one_target_grammar():
     from edit2deploy.errors import UsageError
+    from edit2deploy.formats import parse_targets as parse_schemes
 
     got = [str(s) for s in parse_schemes("Q2_K:none,gguf:Q4_K_M,onnx:int4:none,nf4,q8_0:f16")]
     assert got == ["gguf:Q2_K:none", "gguf:Q4_K_M", "onnx:int4:none", "bnb:nf4", "gguf:Q8_0:f16"]
     with pytest.raises(UsageError, match="ambiguous"):
         parse_schemes("int8")
-    with pytest.raises(UsageError, match="no format has this type"):
+    with pytest.raises(UsageError, match="no format has type"):
         parse_schemes("Q9_X")
     with pytest.raises(UsageError):
         parse_schemes("gguf:Q4_K_M:maybe")

@@ -17,35 +17,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edit2deploy.exporters import Artifact
+from edit2deploy.formats import Artifact
 
-from edit2deploy.checks import Probe, ProbeResult
+from edit2deploy.probes import Probe, ProbeResult
 from edit2deploy.errors import UsageError
-from edit2deploy.modelfile import CHATML_GO_TEMPLATE, chatml_default_system, modelfile_text
-from edit2deploy.pipeline import (
-    CachedScorer,
-    HeldOut,
-    Perplexity,
-    RunResult,
-    Target,
-    TargetResult,
-    heldout_pairs,
-    load_heldout,
-    parse_targets,
-    split_gates,
-)
-from edit2deploy.report import (
-    EDITED_COLOUR,
-    PRESERVED_COLOUR,
-    build_report,
-    load_schema,
-    render_html,
-    render_markdown,
-    write_reports,
-)
+from edit2deploy.formats.gguf.modelfile import CHATML_GO_TEMPLATE, chatml_default_system, modelfile_text
+from edit2deploy.formats import FORMATS, Protection, Target, parse_targets
+from edit2deploy.gates import Gates, Perplexity
+from edit2deploy.ops.report import build_report
+from edit2deploy.ops.results import RunResult, TargetResult
+from edit2deploy.ops.scores import CachedScorer, HeldOut, heldout_pairs, load_heldout
+from edit2deploy.ops.verify import parse_gates
+from edit2deploy.report import load_schema, render_html, render_markdown
+from edit2deploy.report import write_reports as _write_reports
+from edit2deploy.report.svg import EDITED_COLOUR, PRESERVED_COLOUR
+
+
+def write_reports(result):
+    return _write_reports(build_report(result), result.out)
 from edit2deploy.requests import EditRequest, Neighbor
 from edit2deploy.scoring import Scored
-from edit2deploy.verify import GateResult, ProbeRow, Verification
+from edit2deploy.gates import GateResult, ProbeRow, Verification
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -103,7 +95,7 @@ def synthetic_run(out: Path, n: int = 12, passed: bool = True) -> RunResult:
             gates,
         )
         art = Artifact(
-            out / "artifacts" / t.filename,
+            out / "artifacts" / FORMATS[t.format].artifact_name(t),
             "gguf",
             t.quant,
             size_bytes=123 * 2**20,
@@ -416,27 +408,42 @@ def test_parse_targets():
         Target("gguf", "Q4_K_M"),
         Target("gguf", "Q8_0"),
     ]
-    assert Target("gguf", "Q8_0").filename == "model-Q8_0.gguf"
-    assert Target("onnx", "int4").filename == "model-onnx-int4"
-    with pytest.raises(UsageError, match=r"format not available: mlx:q4 \(available formats: gguf"):
+    assert FORMATS["gguf"].artifact_name(Target("gguf", "Q8_0")) == "model-Q8_0.gguf"
+    assert FORMATS["onnx"].artifact_name(Target("onnx", "int4")) == "model-onnx-int4"
+    with pytest.raises(UsageError, match=r"'mlx:q4': format 'mlx' not available \(available formats: gguf"):
         parse_targets("gguf:Q8_0,mlx:q4")
     with pytest.raises(UsageError, match="has no type 'Q9'"):
         parse_targets("gguf:Q9")
-    with pytest.raises(UsageError, match="is not FORMAT:TYPE"):
+    with pytest.raises(UsageError, match="no format has type 'gguf'"):
         parse_targets("gguf")
+    with pytest.raises(UsageError, match="is not FORMAT:TYPE"):
+        parse_targets("gguf:Q8_0:f16:extra")
 
 
-def test_split_gates():
-    assert split_gates(["survival=0.9", "perplexity_increase=5"]) == (
-        ["survival=0.9"],
-        {"perplexity_increase": 5.0},
-    )
-    assert split_gates({"specificity_drop": None, "perplexity-increase": "off"}) == (
-        ["specificity_drop=off"],
-        {"perplexity_increase": None},
-    )
+def test_one_target_grammar_protection_and_bare_types():
+    """The grammar every command uses: FORMAT:TYPE[:PROTECTION], a bare TYPE that one format has."""
+    none = Target("gguf", "Q4_K_M", Protection.NONE)
+    assert parse_targets("Q4_K_M:none,onnx:int4,bnb:nf4:f16") == [
+        none,
+        Target("onnx", "int4"),
+        Target("bnb", "nf4", "f16"),
+    ]
+    assert str(none) == "gguf:Q4_K_M:none" and str(Target("gguf", "Q4_K_M")) == "gguf:Q4_K_M"
+    assert parse_targets("gguf:Q8_0", protection="f16") == [Target("gguf", "Q8_0", Protection.F16)]
+    assert FORMATS["gguf"].artifact_name(none) == "model-Q4_K_M-none.gguf"
+    with pytest.raises(UsageError, match="ambiguous, write one of onnx:int8, bnb:int8"):
+        parse_targets("int8")
+    with pytest.raises(UsageError, match=r"--protect-edits.*unknown value 'q4'|unknown value 'q4'"):
+        parse_targets("gguf:Q8_0:q4")
+    with pytest.raises(UsageError, match="empty"):
+        parse_targets(" , ")
+
+
+def test_parse_gates():
+    assert parse_gates(["survival=0.9", "perplexity_increase=5"]) == Gates(survival=0.9, perplexity_increase=5.0)
+    assert parse_gates({"specificity_drop": None, "perplexity-increase": "off"}) == Gates(specificity_drop=None)
     with pytest.raises(UsageError):
-        split_gates(["perplexity_increase=lots"])
+        parse_gates(["perplexity_increase=lots"])
 
 
 # ==================================================================== persistent score cache
@@ -481,7 +488,7 @@ def test_cached_scorer_remembers_on_disk_and_opens_lazily(tmp_path):
 
 
 def test_demo_edits_are_the_example_edits():
-    from edit2deploy.cli_run import demo_edits_path
+    from edit2deploy.ops.demo import demo_edits_path
     from edit2deploy.requests import load_requests
 
     root = Path(__file__).resolve().parent.parent

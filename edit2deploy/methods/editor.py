@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..arch import Architecture
 from ..errors import NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
@@ -217,6 +218,14 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int) -> EditConfig:
+    """`cfg` as an edit applies and records it: the architecture's default layers and the method's MPES
+    default filled in. A later run compares its own resolved config with the recorded one to reuse an edit."""
+    layers = check_layers(cfg.layers or arch.layers_for(n_layers), n_layers)
+    mpes = method_spec(cfg.method).mpes if cfg.values.mpes is None else cfg.values.mpes
+    return replace(cfg, layers=layers, values=replace(cfg.values, mpes=mpes))
+
+
 class Editor:
     """Applies batches of requests to a loaded model, keeping method state between batches."""
 
@@ -249,9 +258,8 @@ class Editor:
             raise UsageError(
                 "neighbour_null and preserved facts both reshape the null space; use one of them"
             )
-        self.layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)
-        mpes = self.spec.mpes if cfg.values.mpes is None else cfg.values.mpes
-        self.cfg = replace(cfg, layers=self.layers, values=replace(cfg.values, mpes=mpes))
+        self.cfg = resolve_config(cfg, lm.arch, lm.num_layers)
+        self.layers = self.cfg.layers
         self.C = stats
         self.templates = context_templates(prefixes)
         self.state = state or {}

@@ -19,13 +19,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..checks import Probe, ProbeResult, probes_for, run_probes
+from ..probes import EDITED_KINDS, PROBE_KINDS, Probe, ProbeResult, probes_for, run_probes
 from ..quantsim import Prediction, Simulation, predict
 from ..requests import EditRequest
 from ..scoring import TorchScorer
 from .values import ValueResult, optimise_values
-
-EDITED = ("edit", "paraphrase")
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class _Eval:
             at_risk = [
                 r
                 for r in pred.rows
-                if r.probe.kind in EDITED
+                if r.probe.kind in EDITED_KINDS
                 and (not r.survives or (r.fp32.success and r.predicted.margin < risk))
             ]
             for row in at_risk:
@@ -72,11 +70,11 @@ class _Eval:
         return worst
 
     def summary(self) -> dict:
-        out = {"fp32": {k: _rate(self.fp32, k) for k in ("edit", "paraphrase", "neighborhood")}}
+        out = {"fp32": {k: _rate(self.fp32, k) for k in PROBE_KINDS}}
         for p in self.predictions:
             out[p.target] = {
-                "edited_survival": p.survival(EDITED),
-                **{k: p.rate(k) for k in ("edit", "paraphrase", "neighborhood")},
+                "edited_survival": p.survival(EDITED_KINDS),
+                **{k: p.rate(k) for k in PROBE_KINDS},
             }
         return out
 

@@ -13,20 +13,33 @@ times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from ..checks import probes_for, run_probes
+from ..models import LoadedModel
+from ..probes import probes_for, run_probes
 from ..requests import EditRequest
 from ..scoring import TorchScorer
 from .values import ValueResult, optimise_values
 
-if TYPE_CHECKING:
-    from .editor import Editor
+
+class BatchEditor(Protocol):
+    """What a re-solve needs of the editor (`editor.Editor` is one): its model, contexts, layers and solve."""
+
+    lm: LoadedModel
+    templates: Sequence[str]
+    layers: Sequence[int]
+    cfg: Any
+
+    def restore(self, originals: dict[int, torch.Tensor]) -> None: ...
+
+    def solve(
+        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]: ...
 
 
-def failed_edits(editor: Editor, requests: Sequence[EditRequest]) -> list[int]:
+def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[int]:
     """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion)."""
     lm = editor.lm
     results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, ("edit",)))
@@ -34,7 +47,7 @@ def failed_edits(editor: Editor, requests: Sequence[EditRequest]) -> list[int]:
 
 
 def resolve_failed(
-    editor: Editor,
+    editor: BatchEditor,
     requests: Sequence[EditRequest],
     values: ValueResult,
     originals: dict[int, torch.Tensor],

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..arch import head_logits
-from ..checks import continuation
+from ..probes import continuation
 from ..forward import (
     StopForward,
     frozen_linears_on_onednn,

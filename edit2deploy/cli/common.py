@@ -1,0 +1,66 @@
+"""What every command shares: the argument parser that turns mistakes into usage errors, argument types, the
+`--set` option, and table printing."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `minimum`, else a usage error saying `expected`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+count = int_at_least(0, "an integer ≥ 0")
+positive = int_at_least(1, "a positive integer")
+
+
+def add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an [edit] hyperparameter (e.g. --set lr=0.25 --set mpes=false); repeatable; see docs/method.md",
+    )
+
+
+def json_safe(obj):
+    """JSON has no Infinity/NaN: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
+    out = out or sys.stdout
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=out)

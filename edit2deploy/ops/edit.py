@@ -1,0 +1,330 @@
+"""`edit_model`: load a model, apply an edit file in sequential batches, write the patched model + ledger.
+
+The input model directory is only read. The output directory appears (by rename) only when it is
+complete; a batch whose solve is not finite is not applied, and the run stops there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_dir
+from ..errors import NonFiniteUpdateError, UsageError
+from ..ledger import Ledger, tensor_sha256
+from ..methods import EditConfig, Editor
+from ..methods.editor import LayerState, check_layers, method_spec
+from ..methods.harden import HardenConfig, Hardener
+from ..methods.keys import context_templates, generate_prefixes
+from ..methods.preserved import facts_digest, name_facts, preserved_keys, second_moments
+from ..models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
+from ..quantsim import QuantScheme, Simulation
+from ..requests import EditRequest, load_requests
+from ..stats import DEFAULT_N_TOKENS, corpus_from_path, corpus_names, key_stats
+
+
+@dataclass
+class EditRun:
+    """What an edit run did."""
+
+    out: Path | None
+    batches: list[dict] = field(default_factory=list)
+    failed: dict | None = None
+    seconds: float = 0.0
+    stats_seconds: float = 0.0
+
+
+def _state_from_ledger(ledger: Ledger, layers) -> dict[int, LayerState]:
+    """Method state of each layer: Σ Kp Kpᵀ over the active batches' stored keys, and the null basis."""
+    out = {}
+    for li in layers:
+        keys = [
+            ledger.batch_tensors[b][f"keys.{li}"]
+            for b in ledger.active_batches
+            if f"keys.{li}" in ledger.batch_tensors[b]
+        ]
+        basis = ledger.method_state.get(f"null_basis.{li}")
+        if keys or basis is not None:
+            d_in = keys[0].shape[0] if keys else basis.shape[0]
+            kp = torch.zeros(d_in, d_in, dtype=torch.float64)
+            for K in keys:
+                kp += K @ K.T
+            out[li] = LayerState(KpKpT=kp, null_basis=basis)
+    return out
+
+
+def _state_into_ledger(ledger: Ledger, state: dict[int, LayerState]) -> None:
+    # Σ Kp Kpᵀ is not stored: the batches' keys are, and rollback only has to drop a batch.
+    for li, st in state.items():
+        if st.null_basis is not None:
+            ledger.method_state[f"null_basis.{li}"] = st.null_basis
+
+
+def base_spec(spec: str) -> str:
+    return spec if spec in BUILTIN_MODELS else str(Path(spec).resolve())
+
+
+def prepare_editor(
+    lm: LoadedModel,
+    cfg: EditConfig,
+    corpus: str | Path | None = None,
+    n_tokens: int | None = None,
+    quiet: bool = False,
+    preserved: Sequence[EditRequest] = (),
+    avoid: Sequence[str] = (),
+) -> tuple[Editor, Ledger, float]:
+    """An `Editor` for `lm` with statistics, prefixes and method state (continuing an existing ledger).
+
+    `preserved`: facts whose keys leave the null space when it is built (a model's first edit; see
+    `methods.preserved`); on a model whose null space exists they must be the facts it was built with.
+    With `cfg.preserve_names` the statistics corpus's names join them, less those occurring in `avoid`
+    (the texts about to be edited)."""
+    spec = method_spec(cfg.method)
+    layers = check_layers(cfg.layers or lm.arch.layers_for(lm.num_layers), lm.num_layers)  # before any work
+    if preserved and not spec.uses_projector:
+        raise UsageError(f"--preserved shapes the null space of alphaedit and default; {cfg.method} has none")
+    if preserved and cfg.neighbour_null:
+        raise UsageError("neighbour_null and --preserved both reshape the null space; use one of them")
+    ledger = Ledger.load(lm.model_dir)
+    if ledger is None:
+        corp = corpus_from_path(corpus)
+        ledger = Ledger.new(
+            base_spec(lm.spec),
+            weights_fingerprint(lm.model_dir),
+            corpus=corp.id,
+            corpus_path=None if corp.path is None else str(corp.path),
+            n_tokens=n_tokens or DEFAULT_N_TOKENS,
+            prefixes=generate_prefixes(lm),
+        )
+    else:
+        if corpus is not None and corpus_from_path(corpus).id != ledger.state["corpus"]:
+            raise UsageError(
+                "--corpus differs from the one this model's earlier edits used; omit it to continue"
+            )
+        if n_tokens is not None and n_tokens != ledger.state["n_tokens"]:
+            raise UsageError(
+                f"--n-tokens differs from the earlier edits' {ledger.state['n_tokens']}; omit it"
+            )
+        corp = corpus_from_path(ledger.state.get("corpus_path"))
+    t = time.perf_counter()
+    stats = key_stats(
+        lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+    )
+    names: list[str] = []
+    if cfg.neighbour_weight and cfg.neighbour_names:
+        # kept with the method state, so later batches and later runs draw neighbours from the same names
+        if "names" not in ledger.state:
+            ledger.state["names"] = corpus_names(
+                lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+            )
+        names = ledger.state["names"]
+    state = _state_from_ledger(ledger, layers)
+    unbuilt = [li for li in layers if li not in state or state[li].null_basis is None]
+    named: list[EditRequest] = []
+    if cfg.preserve_names and spec.preserves_names and not cfg.neighbour_null and unbuilt:
+        all_names = corpus_names(
+            lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
+        )
+        named = name_facts(all_names, avoid)
+    preserved_cov = (
+        _preserved_covariances(lm, ledger, unbuilt, preserved, named, cfg, quiet)
+        if preserved or named
+        else None
+    )
+    stats_seconds = time.perf_counter() - t
+    editor = Editor(
+        lm,
+        cfg,
+        {li: s.C for li, s in stats.items()},
+        ledger.state["prefixes"],
+        state=state,
+        quiet=quiet,
+        base={li: ledger.originals[n] for li in layers if (n := lm.arch.weight_name(li)) in ledger.originals},
+        names=names,
+        preserved=preserved_cov,
+    )
+    return editor, ledger, stats_seconds
+
+
+def _preserved_covariances(
+    lm: LoadedModel,
+    ledger: Ledger,
+    unbuilt: Sequence[int],
+    preserved: Sequence[EditRequest],
+    named: Sequence[EditRequest],
+    cfg: EditConfig,
+    quiet: bool,
+) -> dict[int, torch.Tensor] | None:
+    """The key covariance of the preserved facts (the user's, then the corpus names') for the layers whose null
+    space is still to be built (None when all exist: the persisted basis already holds them), recorded in the
+    ledger's method state."""
+    digest = facts_digest(preserved)
+    recorded = ledger.state.get("preserved")
+    had_facts = recorded is not None and recorded["facts"] > 0
+    if preserved and had_facts and recorded["sha256"] != digest:
+        raise UsageError(
+            "--preserved differs from the facts this model's null space was built with at its first edit "
+            f"({recorded['facts']} facts); omit --preserved to continue with those"
+        )
+    if not unbuilt:
+        if preserved and not had_facts:
+            raise UsageError(
+                "--preserved: this model's null space was built at its first edit without preserved facts; "
+                "they can only be given with a model's first edits"
+            )
+        return None
+    ledger.state["preserved"] = {
+        "facts": len(preserved),
+        "sha256": digest,
+        "names": len(named),
+        "weight": cfg.preserve_weight,
+    }
+    templates = context_templates(ledger.state["prefixes"])
+    return second_moments(preserved_keys(lm, [*preserved, *named], templates, unbuilt, quiet))
+
+
+def apply_requests(
+    editor: Editor,
+    ledger: Ledger,
+    requests: list[EditRequest],
+    batch_size: int,
+    quiet: bool = False,
+    harden: Hardener | None = None,
+) -> EditRun:
+    """Apply `requests` in batches of `batch_size`, recording each batch in the ledger (`harden`: make each
+    batch survive the simulated quantization of its targets, see `methods.harden`)."""
+    lm, arch = editor.lm, editor.lm.arch
+    run = EditRun(out=None)
+    start = time.perf_counter()
+    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    for chunk in tqdm(chunks, desc="edit batches", unit="batch", disable=quiet or len(chunks) == 1):
+        names = {li: arch.weight_name(li) for li in editor.layers}
+        before = {li: arch.get_weight(lm.model, li).detach().cpu().clone() for li in editor.layers}
+        t = time.perf_counter()
+        batch_id = ledger.next_batch_id()
+        try:
+            report = editor.apply_batch(chunk, harden=harden)
+        except NonFiniteUpdateError as exc:
+            run.failed = {"batch": batch_id, "error": str(exc), "requests": [r.id for r in chunk]}
+            ledger.add_event({"type": "failed_batch", **run.failed})
+            break
+        tensors, record_t = {}, {}
+        for li, name in names.items():
+            after = arch.get_weight(lm.model, li).detach().cpu()
+            w0 = ledger.originals.get(name, before[li])
+            tensors[f"delta.{name}"] = report.deltas[li]
+            tensors[f"keys.{li}"] = report.keys[li]
+            record_t[name] = {
+                "layer": li,
+                "sha256_before": tensor_sha256(before[li]),
+                "sha256_after": tensor_sha256(after),
+                "delta_fro": float(report.deltas[li].double().norm()),
+                "fro_from_original": float((after.double() - w0.double()).norm()),
+            }
+        record = {
+            "id": batch_id,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - t, 3),
+            "timings": {k: round(v, 3) for k, v in report.timings.items()},
+            "method": editor.cfg.method,
+            "config": editor.cfg.to_json(),
+            "layers": list(editor.layers),
+            "active_before": ledger.active_batches,  # what "sha256_before" is the state of (for rollback checks)
+            "requests": [r.to_json() for r in chunk],
+            "steps": report.steps,
+            "converged": report.converged,
+            "tensors": record_t,
+        }
+        if report.hardening is not None:
+            record["hardening"] = report.hardening
+        if report.retry is not None:
+            record["retry"] = report.retry
+        ledger.add_batch(record, tensors, {names[li]: before[li] for li in editor.layers})
+        run.batches.append(record)
+    _state_into_ledger(ledger, editor.state)
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def write_model(lm: LoadedModel, ledger: Ledger, out: Path) -> None:
+    """Write the patched model (HF directory) and its ledger; `out` appears only when complete."""
+    with atomic_dir(out, replace=True) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        ledger.write_into(tmp)
+
+
+def edit_model(
+    model: str,
+    edits: str | Path | list[EditRequest],
+    out: str | Path,
+    cfg: EditConfig | None = None,
+    batch_size: int | None = None,
+    corpus: str | Path | None = None,
+    n_tokens: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    limit: int | None = None,
+    quiet: bool = False,
+    harden_for: Sequence[Callable[[LoadedModel, list[str]], QuantScheme]] = (),
+    harden: HardenConfig | None = None,
+    preserved: Sequence[EditRequest] = (),
+) -> EditRun:
+    """Edit `model` with the requests in `edits` and write the result to `out`.
+
+    `preserved`: facts that must not change; their keys leave AlphaEdit's null space (`prepare_editor`).
+
+    `harden_for`: one factory per deployment target, `(model, edited tensor names) -> QuantScheme` (the face
+    builds them from the format simulators); each batch is then hardened against those targets."""
+    cfg = cfg or EditConfig()
+    out = Path(out)
+    requests = edits if isinstance(edits, list) else load_requests(edits, limit=limit)
+    lm = open_model(model, device=device)
+    if out.resolve() == lm.model_dir.resolve():
+        raise UsageError(f"--out {out} is the input model directory; the input is never written")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} already exists (use --force to replace it)")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    edited_texts = [t for r in requests for t in (r.text, *r.paraphrases)]
+    editor, ledger, stats_seconds = prepare_editor(
+        lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved, avoid=edited_texts
+    )
+    hardener = None
+    if harden_for:
+        edited = sorted(
+            set(ledger.state.get("edited_tensors", [])) | {lm.arch.weight_name(li) for li in editor.layers}
+        )
+        sims = [Simulation(lm, make(lm, edited)) for make in harden_for]
+        hardener = Hardener(sims, harden or HardenConfig(), quiet=quiet)
+    run = apply_requests(editor, ledger, requests, batch_size or len(requests), quiet=quiet, harden=hardener)
+    run.stats_seconds = stats_seconds
+    if run.batches:
+        write_model(lm, ledger, out)
+        run.out = out
+    return run
+
+
+def compute_stats(
+    model: str | Path,
+    corpus: str | Path | None = None,
+    n_tokens: int | None = None,
+    layers: Sequence[int] | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> tuple[dict, str, float]:
+    """Key statistics (C = E[k kᵀ]) of the edited layers, computed once and cached; returns (statistics per
+    layer, corpus id, seconds)."""
+    lm = open_model(model, device=device)
+    chosen = tuple(layers) if layers else lm.arch.layers_for(lm.num_layers)
+    source = corpus_from_path(corpus)
+    t = time.perf_counter()
+    stats = key_stats(
+        lm, chosen, weights_fingerprint(lm.model_dir), source, n_tokens or DEFAULT_N_TOKENS, quiet=quiet
+    )
+    return stats, source.id, time.perf_counter() - t

@@ -1,0 +1,198 @@
+"""Scoring helpers shared by verify and run: the held-out perplexity text, and `CachedScorer`, which remembers the
+scores of a model or artifact on disk so a rerun whose inputs did not change opens no model at all."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_file
+from ..errors import UsageError
+from ..formats import Artifact, Format
+from ..models import cache_root, open_model
+from ..scoring import Scored, Scorer, TorchScorer
+
+HELDOUT_RESOURCE = "data/heldout.txt"
+SCORES_VERSION = 1
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def heldout_pairs(text: str, max_pairs: int = 16) -> list[tuple[str, str]]:
+    """(first sentence, rest) of each paragraph (paragraphs are separated by blank lines).
+
+    Paragraphs of one sentence are skipped. The continuation keeps its leading space (it follows the prompt).
+    """
+    pairs = []
+    for para in re.split(r"\n\s*\n", text.strip()):
+        para = " ".join(para.split())
+        m = _SENTENCE_END.search(para)
+        if not m:
+            continue
+        first, rest = para[: m.start()].rstrip(), para[m.start() :]
+        first += para[m.start() : m.end()].rstrip()  # a closing quote/bracket belongs to the sentence
+        rest = " " + para[m.end() :].strip()
+        if first.strip() and rest.strip():
+            pairs.append((first, rest))
+        if len(pairs) >= max_pairs:
+            break
+    return pairs
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    source: str  # "package:edit2deploy/data/heldout.txt" or a file path
+    pairs: tuple[tuple[str, str], ...]
+
+
+def load_heldout(path: str | Path | None = None) -> HeldOut:
+    """The perplexity probe: a file's paragraphs, or (default) the public-domain passage shipped in the package."""
+    if path is None:
+        text = importlib.resources.files("edit2deploy").joinpath(HELDOUT_RESOURCE).read_text(encoding="utf-8")
+        source = f"package:edit2deploy/{HELDOUT_RESOURCE}"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"--heldout {p}: file not found")
+        text, source = p.read_text(encoding="utf-8", errors="replace"), str(p)
+    pairs = heldout_pairs(text)
+    if not pairs:
+        raise UsageError(f"--heldout {source}: no paragraph with two or more sentences")
+    return HeldOut(source, tuple(pairs))
+
+
+class CachedScorer:
+    """A `Scorer` that remembers scores per (prompt, continuation), optionally on disk, and opens the real scorer
+    (`factory()`) only when something is not remembered yet.
+
+    The fp32 references are scored once however many targets compare against them, and a rerun whose models and
+    artifacts did not change scores nothing at all. `key` names what is being scored (weights fingerprint, or an
+    artifact's record, size and mtime); it is stored with the scores and checked on load.
+    """
+
+    name = "cached"
+
+    def __init__(self, factory: Callable[[], Scorer], store: Path | None = None, key: dict | None = None):
+        self._factory = factory
+        self._inner: Scorer | None = None
+        self.store = store
+        self.key = jsonable(key or {})
+        self._memo: dict[tuple[str, str], Scored] = {}
+        self._dirty = False
+        self.hits = self.misses = 0
+        if store is not None:
+            self._load()
+
+    @property
+    def inner(self) -> Scorer:
+        if self._inner is None:
+            self._inner = self._factory()
+        return self._inner
+
+    @property
+    def opened(self) -> bool:
+        return self._inner is not None
+
+    def tokenize(self, prompt: str, continuation: str):
+        return self.inner.tokenize(prompt, continuation)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        todo = [p for p in dict.fromkeys(tuple(p) for p in pairs) if p not in self._memo]
+        self.misses += len(todo)
+        self.hits += len(pairs) - len(todo)
+        if todo:
+            self._memo.update(zip(todo, self.inner.score(todo)))
+            self._dirty = True
+        return [self._memo[tuple(p)] for p in pairs]
+
+    def _load(self) -> None:
+
+        try:
+            doc = json.loads(self.store.read_text())
+            if doc.get("version") != SCORES_VERSION or doc.get("key") != self.key:
+                return
+            for prompt, cont, s in doc["scores"]:
+                self._memo[(prompt, cont)] = Scored(
+                    tuple(s["prompt_ids"]),
+                    tuple(s["target_ids"]),
+                    tuple(s["logprobs"]),
+                    tuple(s["greedy_ids"]),
+                )
+        except (OSError, ValueError, KeyError, TypeError):
+            self._memo.clear()  # missing or damaged: score again
+
+    def save(self) -> None:
+        if self.store is None or not self._dirty:
+            return
+
+        doc = {
+            "version": SCORES_VERSION,
+            "key": self.key,
+            "scores": [
+                [
+                    p,
+                    c,
+                    {
+                        "prompt_ids": list(s.prompt_ids),
+                        "target_ids": list(s.target_ids),
+                        "logprobs": list(s.logprobs),
+                        "greedy_ids": list(s.greedy_ids),
+                    },
+                ]
+                for (p, c), s in self._memo.items()
+            ],
+        }
+        with atomic_file(self.store, "w") as fh:
+            json.dump(doc, fh)
+        self._dirty = False
+
+    def close(self) -> None:
+        self.save()
+        inner, self._inner = self._inner, None
+        close = getattr(inner, "close", None)
+        if close is not None:
+            close()
+
+
+def scores_store(kind: str, key: dict) -> Path:
+    """Where the scores of one model/artifact are remembered (under the user cache dir)."""
+
+    digest = hashlib.sha256(json.dumps(jsonable(key), sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "scores" / f"{kind}-{digest}.json"
+
+
+def file_identity(path: Path) -> dict:
+    """What identifies the bytes of an artifact without hashing them: path, size and mtime of every file."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return {
+        "path": str(path.resolve()),
+        "files": [
+            [str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files
+        ],
+    }
+
+
+def torch_factory(model_dir: Path, device: str) -> Callable[[], Scorer]:
+    def make() -> Scorer:
+
+        lm = open_model(model_dir, device=device)
+        return TorchScorer(lm.model, lm.tokenizer)
+
+    return make
+
+
+def artifact_factory(fmt: Format, art: Artifact) -> Callable[[], Scorer]:
+    return lambda: fmt.scorer(art)
+
+
+def jsonable(obj):
+    """`obj` as it reads back from JSON (tuples become lists), so records compare equal to what was stored."""
+    return json.loads(json.dumps(obj))

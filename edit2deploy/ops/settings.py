@@ -1,0 +1,214 @@
+"""Settings from a TOML file (`[edit]`, `[run]`), `--set key=value` and flags, validated field by field before
+any work starts: types are never coerced (a string is not a number), numbers must be finite."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..methods import METHODS, EditConfig
+from ..methods.values import ValueHParams
+
+
+def parse_layers(text: str, where: str = "--layers") -> tuple[int, ...]:
+    """ "4-8" or "4,5,6" or "4-6,9" → (4, 5, 6, 9)."""
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise UsageError(f"{where}: '{text}' is not a layer list (expected e.g. 4-8 or 4,5,6)") from None
+    if not out:
+        raise UsageError(f"{where}: empty layer list")
+    return tuple(sorted(set(out)))
+
+
+def _typed(where: str, name: str, value, default):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: field '{name}': expected true or false")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{where}: field '{name}': expected an integer")
+        if value < 0:  # every count and weight of an edit config is non-negative
+            raise UsageError(f"{where}: field '{name}': expected an integer ≥ 0, got {value}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise UsageError(f"{where}: field '{name}': expected a number")
+        if not math.isfinite(value):
+            raise UsageError(f"{where}: field '{name}': expected a finite number, got {value}")
+        if value < 0:
+            raise UsageError(f"{where}: field '{name}': expected a number ≥ 0, got {value}")
+        return float(value)
+    return value
+
+
+def edit_config_from(table: dict, where: str, base: EditConfig | None = None) -> EditConfig:
+    """An `EditConfig` from a dict (a TOML [edit] table); unknown keys are errors."""
+    base = base or EditConfig()
+    top = {f.name: f for f in dataclasses.fields(EditConfig)}
+    val = {f.name for f in dataclasses.fields(ValueHParams)}
+    changes, vchanges = {}, {}
+    for key, value in table.items():
+        if key == "method":
+            if value not in METHODS:
+                raise UsageError(f"{where}: field 'method': '{value}' (expected one of {', '.join(METHODS)})")
+            changes[key] = value
+        elif key == "layers":
+            changes[key] = parse_layers(
+                ",".join(map(str, value)) if isinstance(value, list) else value, where
+            )
+        elif key in top and key != "values":
+            changes[key] = _typed(where, key, value, getattr(base, key))
+        elif key == "mpes":
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: field 'mpes': expected true or false")
+            vchanges[key] = value
+        elif key in val:
+            vchanges[key] = _typed(where, key, value, getattr(base.values, key))
+        else:
+            raise UsageError(
+                f"{where}: unknown field '{key}' (expected one of: {', '.join(sorted((set(top) | val) - {'values'}))})"
+            )
+    return dataclasses.replace(base, **changes, values=dataclasses.replace(base.values, **vchanges))
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {p}: file not found")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{p}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p}: not UTF-8 text") from exc
+
+
+def parse_set(items: Sequence[str], where: str = "--set") -> dict[str, Any]:
+    """`--set key=value` items → {key: value}. The value is read as a TOML value (`1e-3`, `true`, `[4, 5]`,
+    `"text"`); a bare word that is not one (`memit`) is a string. Types are checked by `edit_config_from`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not text.strip():
+            raise UsageError(f"{where} {item}: expected KEY=VALUE (e.g. --set lr=0.25)")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out[key] = value
+    return out
+
+
+def edit_config(
+    config: str | Path | None = None,
+    sets: Sequence[str] = (),
+    base: EditConfig | None = None,
+    **flags: Any,
+) -> EditConfig:
+    """The edit configuration: defaults, then the TOML file's [edit] table, then `--set` items, then the
+    dedicated flags (`method`, `layers`, `retry_rounds`; None = not given). Every value is type-checked."""
+    cfg = base or EditConfig()
+    if config:
+        data = load_toml(config)
+        check_tables(data, config)
+        cfg = edit_config_from(data.get("edit", {}), str(config), cfg)
+    if sets:
+        cfg = edit_config_from(parse_set(sets), "--set", cfg)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "layers" in given:
+        given["layers"] = ",".join(map(str, parse_layers(given["layers"])))
+    return edit_config_from(given, "command line", cfg) if given else cfg
+
+
+TABLES = ("run", "edit")
+
+
+def check_tables(data: dict, where: str | Path) -> None:
+    """Only [run] and [edit], each a table."""
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        raise UsageError(f"{where}: unknown table(s) {unknown} (expected [run] and [edit])")
+    for name in TABLES:
+        if name in data and not isinstance(data[name], dict):
+            raise UsageError(f"{where}: '{name}' must be a table ([{name}]), got {type(data[name]).__name__}")
+
+
+# [run] field -> (expected, check): what `run` reads from a TOML file, each value type-checked (no coercion)
+def _str(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a model name or path (string)", _str),
+    "edits": ("a file path (string)", _str),
+    "targets": (
+        "a string or a list of strings",
+        lambda v: _str(v) or (isinstance(v, list) and all(map(_str, v))),
+    ),
+    "out": ("a directory path (string)", _str),
+    "gates": (
+        "a table of NAME = number/'off', or a list of 'NAME=VALUE' strings",
+        lambda v: isinstance(v, dict) or (isinstance(v, list) and all(map(_str, v))) or _str(v),
+    ),
+    "batch_size": ("an integer ≥ 1", _count),
+    "corpus": ("a file or directory path (string)", _str),
+    "n_tokens": ("an integer ≥ 1", _count),
+    "preserved": ("a file path (string)", _str),
+    "preserved_n": ("an integer ≥ 1", _count),
+    "heldout": ("a file path (string)", _str),
+    "protect_edits": (
+        "'none', 'q8_0' or 'f16'",
+        lambda v: isinstance(v, str) and v.lower() in ("none", "q8_0", "f16"),
+    ),
+    "baseline": ("true or false", lambda v: isinstance(v, bool)),
+    "device": ("'cpu' or 'cuda' (string)", _str),
+    "harden": ("true or false", lambda v: isinstance(v, bool)),
+}
+PATH_FIELDS = ("edits", "out", "corpus", "preserved", "heldout")
+
+
+def run_table(path: str | Path) -> dict[str, Any]:
+    """The [run] table of a TOML file, type-checked, with paths resolved against the file's directory."""
+    data = load_toml(path)
+    check_tables(data, path)
+    table = data.get("run", {})
+    base = Path(path).resolve().parent
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in RUN_FIELDS:
+            raise UsageError(
+                f"{path}: [run]: unknown field '{key}' (expected one of: {', '.join(sorted(RUN_FIELDS))})"
+            )
+        expected, ok = RUN_FIELDS[key]
+        if not ok(value):
+            raise UsageError(f"{path}: [run] field '{key}': expected {expected}, got {value!r}")
+        if key in PATH_FIELDS:
+            value = _resolve(value, base)
+        elif key == "model" and (base / value).exists():
+            value = str(base / value)
+        out[key] = value
+    return out
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return value if p.is_absolute() else str(base / p)
