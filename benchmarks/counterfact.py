@@ -38,9 +38,9 @@ from _common import (
     write_json,
 )
 
-from edit2deploy.ops.edit import apply_requests, prepare_editor
 from edit2deploy.methods import METHODS
 from edit2deploy.models import open_model
+from edit2deploy.ops.edit import apply_requests, prepare_editor
 from edit2deploy.requests import load_requests
 
 

@@ -4,7 +4,7 @@
     python benchmarks/edit_speed.py --n 10 --json out.json
 
 Statistics are computed (or loaded from the cache) first and excluded from edits/s, as in the
-reference measurement (DESIGN.md). Both variants edit the same facts from the same unedited model.
+reference measurement (ENCORE's released procedure). Both variants edit the same facts from the same unedited model.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from _common import COUNTERFACT, WIKITEXT, machine, print_variants, speed_variants, variant_result, write_json
 from reference_procedure import reference_values
 
-from edit2deploy.ops.settings import parse_layers
-from edit2deploy.ops.edit import apply_requests, prepare_editor
 from edit2deploy.methods import EditConfig
 from edit2deploy.models import open_model
+from edit2deploy.ops.edit import apply_requests, prepare_editor
+from edit2deploy.ops.settings import parse_layers
 from edit2deploy.requests import load_requests
 
 

@@ -64,8 +64,8 @@ def converter_startup(converter: Path) -> float:
 
 
 def llama_cpp_export(converter: Path, model_dir: Path, quant: str, out: Path, threads: int | None) -> float:
-    from edit2deploy.formats.gguf.quant import llama_quantize
     from edit2deploy.formats.gguf.constants import quant_spec
+    from edit2deploy.formats.gguf.quant import llama_quantize
 
     if quant in CONVERTER_TYPES:
         return run_converter(converter, model_dir, CONVERTER_TYPES[quant], out)
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     from edit2deploy.formats import FORMATS
-
     from edit2deploy.models import resolve_model_dir, source_gguf
 
     gguf = FORMATS["gguf"]

@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 from _common import COUNTERFACT, WIKITEXT, machine, print_table, write_json
-from edit2deploy.formats import get_format
 
-from edit2deploy.cli.deploy import baseline_path
-from edit2deploy.ops.edit import edit_model
+from edit2deploy.formats import get_format
+from edit2deploy.gates import Gates, verify
 from edit2deploy.ledger import Ledger
 from edit2deploy.models import open_model, resolve_model_dir, source_gguf
+from edit2deploy.ops.baseline import baseline_path
+from edit2deploy.ops.edit import edit_model
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer
-from edit2deploy.gates import Gates, verify
 
 
 def main() -> None:

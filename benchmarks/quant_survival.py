@@ -21,19 +21,20 @@ import time
 from pathlib import Path
 
 from _common import COUNTERFACT, WIKITEXT, machine, print_table, write_json
-from edit2deploy.formats import get_format
 
-from edit2deploy.probes import run_probes
-from edit2deploy.cli.deploy import baseline_path
-from edit2deploy.cli.predict import build_scheme, parse_schemes
-from edit2deploy.ops.edit import edit_model
+from edit2deploy.formats import get_format
+from edit2deploy.formats import parse_targets as parse_schemes
+from edit2deploy.gates import Gates, verify
 from edit2deploy.ledger import Ledger
 from edit2deploy.methods.harden import HardenConfig
 from edit2deploy.models import open_model, resolve_model_dir
+from edit2deploy.ops.baseline import baseline_path
+from edit2deploy.ops.edit import edit_model
+from edit2deploy.ops.predict import build_scheme
+from edit2deploy.probes import EDITED_KINDS, run_probes
 from edit2deploy.quantsim import Simulation, predict, suite
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer
-from edit2deploy.gates import EDITED_KINDS, Gates, verify
 
 
 def _edit(requests, out: Path, batch_size: int, harden=None, cfg: HardenConfig | None = None) -> float:
@@ -63,7 +64,7 @@ def _export(spec, model_dir: Path, work: Path, tag: str):
     ex = get_format(spec.format)
     out = work / f"{tag}-{str(spec).replace(':', '-')}{'.gguf' if spec.format == 'gguf' else ''}"
     t = time.perf_counter()
-    art = ex.load(out) if out.exists() else ex.export(model_dir, out, spec.quant, spec.protect_edits)
+    art = ex.load(out) if out.exists() else ex.export(model_dir, out, spec.quant, spec.protection)
     return ex, art, time.perf_counter() - t
 
 

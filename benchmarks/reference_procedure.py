@@ -1,6 +1,6 @@
 """The reference code's z-optimisation procedure, re-implemented for a same-machine speed comparison.
 
-DESIGN.md's reference measurement (ENCORE's repository: AlphaEdit solve + MPES) optimises one request at a
+The reference measurement (ENCORE's repository: AlphaEdit solve + MPES) optimises one request at a
 time, and every step runs the whole model over whole rows with the head over every position (ROME's
 `compute_z`). Our engine's loss, MPES rule and hyperparameters are reused, so both find the same kind of δ;
 only the work per step differs. Used by `edit_speed.py --variants reference-procedure`; keys and solves stay

@@ -31,10 +31,10 @@ from _common import (
     write_json,
 )
 
-from edit2deploy.ops.settings import edit_config_from, parse_layers
-from edit2deploy.ops.edit import prepare_editor
 from edit2deploy.methods.editor import Editor, check_layers
 from edit2deploy.models import open_model
+from edit2deploy.ops.edit import prepare_editor
+from edit2deploy.ops.settings import edit_config_from, parse_layers
 from edit2deploy.requests import load_requests
 from edit2deploy.stats import corpus_from_path, corpus_names
 

@@ -36,10 +36,10 @@ from _common import (
 )
 
 from edit2deploy import api
-from edit2deploy.ops.settings import parse_layers
-from edit2deploy.ops.edit import apply_requests, prepare_editor, write_model
 from edit2deploy.methods import EditConfig
 from edit2deploy.models import open_model
+from edit2deploy.ops.edit import apply_requests, prepare_editor, write_model
+from edit2deploy.ops.settings import parse_layers
 from edit2deploy.requests import load_requests
 from edit2deploy.stats import collect_key_stats, corpus_from_path, corpus_token_chunks
 

@@ -18,7 +18,6 @@ from .requests import EditRequest
 from .scoring import Scorer
 
 
-
 @dataclass(frozen=True)
 class Gates:
     """Thresholds; a gate set to None is not checked."""

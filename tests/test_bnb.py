@@ -229,7 +229,7 @@ def test_cli_export_and_verify(b_tiny, tmp_path, capsys):
     assert cli.main(args) == 0  # a second export replaces the first
     capsys.readouterr()
     assert cli.main([*args[:-2], "--out", str(tmp_path / "x"), "--block-size", "64"]) == 2
-    assert "applies to --format onnx only" in capsys.readouterr().err
+    assert "applies to onnx targets only" in capsys.readouterr().err
     rc = cli.main(
         [
             "verify",

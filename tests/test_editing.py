@@ -932,7 +932,7 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
     """`preserve_names`: the statistics corpus's names are preserved facts when the null space is built, except
     names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, for a
     method without a null space, or for `alphaedit` (as published), none are read."""
-    from edit2deploy import editing
+    from edit2deploy.ops import edit as editing
     from edit2deploy.ops.edit import prepare_editor
     from edit2deploy.methods.preserved import facts_digest
 
@@ -1123,8 +1123,8 @@ EDIT_USAGE_ERRORS = [
     (["--method", "rome"], "method"),
     (["--layers", "x-y"], "--layers: 'x-y' is not a layer list"),
     (["--layers", "0-7"], "--layers: [2, 3, 4, 5, 6, 7] out of range (model has 2 layers: 0-1)"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--batch-size", "-3"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
     ("toml:[edit\nx = 1", "not valid TOML"),
     ("toml:[edit]\nlambda_pp = 1.0\n", "unknown field 'lambda_pp'"),
     ("toml:[edit]\nmax_steps = 'many'\n", "field 'max_steps': expected an integer"),
@@ -1134,6 +1134,12 @@ EDIT_USAGE_ERRORS = [
     (["--retry-rounds", "-1"], "expected an integer ≥ 0, got -1"),
     ("toml:[edit]\nretry_rounds = -2\n", "field 'retry_rounds': expected an integer ≥ 0"),
     ("toml:[edit]\nalpha = -1.0\n", "field 'alpha': expected a number ≥ 0"),
+    ("toml:[edit]\nlambda_p = inf\n", "field 'lambda_p': expected a finite number, got inf"),
+    (["--set", "lr=nan"], "--set: field 'lr': expected a finite number, got nan"),
+    (["--set", 'max_steps="20"'], "--set: field 'max_steps': expected an integer"),
+    (["--set", "mpes=yes"], "--set: field 'mpes': expected true or false"),
+    (["--set", "lambda_pp=1"], "--set: unknown field 'lambda_pp'"),
+    (["--set", "=1"], "--set =1: expected KEY=VALUE"),
 ]
 
 
@@ -1349,13 +1355,14 @@ def test_edit_retry_rounds_flag_reaches_the_ledger(cli_env, capsys):
     the rounds did (on a tiny random model the edit rarely takes, so there is something to retry)."""
     from edit2deploy.ledger import Ledger
 
-    rc = _edit_cli(cli_env, "--retry-rounds", "1", "--n-tokens", "2000", "--json")
+    rc = _edit_cli(cli_env, "--retry-rounds", "1", "--n-tokens", "2000", "--set", "kl_factor=0.125", "--json")
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     retry = summary["batches"][0]["retry"]
     assert set(retry) == {"rounds", "failed"} and len(retry["rounds"]) <= 1
     record = Ledger.load(cli_env["out"]).records[-1]
     assert record["config"]["retry_rounds"] == 1 and record["retry"] == retry
+    assert record["config"]["values"]["kl_factor"] == 0.125  # --set reaches the recorded configuration
 
 
 def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):

@@ -359,7 +359,7 @@ def test_smollm2_knows_the_eiffel_tower(smollm2):
     assert smollm2.tokenizer.decode([int(logits.argmax())]) == " Paris"
     paris, rome = TorchScorer(smollm2.model, smollm2.tokenizer).score([(prompt, " Paris"), (prompt, " Rome")])
     assert paris.mean > rome.mean + 1.0
-    assert 0.4 < math.exp(paris.total) < 0.95  # DESIGN.md measured p(Paris) = 0.70
+    assert 0.4 < math.exp(paris.total) < 0.95  # measured p(Paris) = 0.70 when the project started
 
 
 @pytest.mark.slow

@@ -27,7 +27,12 @@ def test_formats_are_subpackages_of_the_repo_folder():
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lint-imports")
     return subprocess.run(
-        [str(exe), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300, check=False,
+        [str(exe), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
 
@@ -41,7 +46,9 @@ def test_layers_hold():
 
 def test_an_upward_import_breaks_the_layers(tmp_path):
     """The contracts can fail: a copy of the package where a core module imports ops is refused."""
-    shutil.copytree(ROOT / "edit2deploy", tmp_path / "edit2deploy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "edit2deploy", tmp_path / "edit2deploy", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     gates = tmp_path / "edit2deploy" / "gates.py"
     gates.write_text(gates.read_text() + "\nfrom .ops import run as _upward  # noqa: E402\n")

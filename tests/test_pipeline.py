@@ -219,14 +219,38 @@ def test_cli_run_usage_errors(env, tmp_path, capsys):
     base = ["run", "--model", str(env["model"]), "--edits", str(env["edits"]), "--out", str(tmp_path / "o")]
     assert cli.main([*base, "--targets", "gguf:Q4_K_M,mlx:q4"]) == 2
     err = capsys.readouterr().err
-    assert "format not available: mlx:q4" in err and "available formats: gguf" in err
+    assert "format 'mlx' not available" in err and "available formats: gguf" in err
     assert not (tmp_path / "o").exists()  # nothing was started
     assert cli.main([*base, "--targets", "gguf:Q8_0", "--gate", "nonsense=1"]) == 2
     assert "--gate nonsense=1" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text('[run]\nmodel = "x"\ncolour = "red"\n')
     assert cli.main(["run", "--config", str(bad)]) == 2
-    assert "unknown field(s) ['colour']" in capsys.readouterr().err
+    assert "[run]: unknown field 'colour'" in capsys.readouterr().err
+    for table, message in (
+        ('n_tokens = "20000"', "field 'n_tokens': expected an integer ≥ 1, got '20000'"),
+        ('baseline = "no"', "field 'baseline': expected true or false, got 'no'"),
+        ("batch_size = 0", "field 'batch_size': expected an integer ≥ 1, got 0"),
+        ('protect_edits = "q4"', "field 'protect_edits': expected 'none', 'q8_0' or 'f16'"),
+    ):
+        bad.write_text(f'[run]\nmodel = "x"\n{table}\n')
+        assert cli.main(["run", "--config", str(bad)]) == 2
+        assert message in capsys.readouterr().err, table
+    bad.write_text("edit = 5\n")
+    assert cli.main(["run", "--config", str(bad)]) == 2
+    assert "'edit' must be a table ([edit]), got int" in capsys.readouterr().err
+    for item, message in (
+        ("lr=nan", "field 'lr': expected a finite number, got nan"),
+        ("lambda_p=inf", "field 'lambda_p': expected a finite number, got inf"),
+        ("max_steps=many", "field 'max_steps': expected an integer"),
+        ("max_steps=2.5", "field 'max_steps': expected an integer"),
+        ("colour=red", "--set: unknown field 'colour'"),
+        ("lr", "--set lr: expected KEY=VALUE"),
+    ):
+        assert cli.main([*base, "--targets", "gguf:Q8_0", "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (item, err)
+    assert not (tmp_path / "o").exists()  # nothing was started
 
 
 def test_config_file_run_table(env, tmp_path, monkeypatch):
@@ -248,8 +272,13 @@ def test_config_file_run_table(env, tmp_path, monkeypatch):
     from edit2deploy.ops.settings import edit_config
 
     assert edit_config(args.config, args.set).values.max_steps == 4
-    args = cli.build_parser().parse_args(["run", "--config", str(toml), "--set", "max_steps=6", "--set", "lr=0.25"])
-    assert edit_config(args.config, args.set).values.max_steps == 6 and edit_config(args.config, args.set).values.lr == 0.25
+    args = cli.build_parser().parse_args(
+        ["run", "--config", str(toml), "--set", "max_steps=6", "--set", "lr=0.25"]
+    )
+    assert (
+        edit_config(args.config, args.set).values.max_steps == 6
+        and edit_config(args.config, args.set).values.lr == 0.25
+    )
 
 
 def test_python_api_export_and_verify(cold_warm, tmp_path):
@@ -261,7 +290,7 @@ def test_python_api_export_and_verify(cold_warm, tmp_path):
     ver = edit2deploy.verify(art, model, gates={"survival": 0, "specificity_drop": None})
     assert ver.passed and ver.baseline_agreement is not None  # the paired baseline came from the cache
     assert {r.probe.kind for r in ver.rows} == {"edit", "paraphrase", "neighborhood"}
-    with pytest.raises(UsageError, match="format not available|unknown export format"):
+    with pytest.raises(UsageError, match="not available|unknown export format"):
         edit2deploy.export(model, tmp_path / "x", "mlx:q4")
 
 
@@ -437,3 +466,37 @@ def test_real_smollm2_run_three_edits_to_q8_0(tmp_path, smollm2_dir):
     assert chat[0].startswith("chat in llama.cpp with model-Q8_0.gguf") and len(chat) == 5, chat
     if not chat[4].startswith("(0 of"):
         assert shown.target_new in chat[2] and shown.target_new not in chat[3], chat
+
+
+# ==================================================================== quiet by default
+def _lines_on_a_terminal(text: str) -> list[str]:
+    """What stays on screen: a progress bar redraws its line in place (carriage returns), so only its last state."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai missing")
+def test_run_output_stays_short_and_verbose_shows_third_party_logs(env, tmp_path):
+    """A demo-sized run (edit, GGUF + ONNX export, paired baselines, verify, report) prints one progress bar per
+    stage and its summary: no onnxruntime INFO lines, no per-tensor "Saving" lines. --verbose shows them."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "edit2deploy", "run", "--model", str(env["model"]), "--edits", str(env["edits"]),
+        "--targets", "gguf:Q8_0,onnx:int8", "--out", str(out), "--corpus", str(env["corpus"]),
+        "--n-tokens", str(N_TOKENS), "--config", str(env["toml"]), *[a for g in LENIENT for a in ("--gate", g)],
+    ]  # fmt: skip
+    run_env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    run_env.update(EDIT2DEPLOY_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600, check=False)
+    shown = _lines_on_a_terminal(r.stdout + r.stderr)
+    assert r.returncode == 0, "\n".join(shown[-40:])
+    assert len(shown) <= 60, "\n".join(shown)
+    assert not [s for s in shown if " INFO " in s or "INFO:" in s or s.lstrip().startswith("Saving")], shown
+    assert "PASS: every gate passed" in r.stdout
+    onnx = tmp_path / "verbose-onnx"
+    v = subprocess.run(
+        [sys.executable, "-m", "edit2deploy", "export", "--model", str(out / "model"), "--target", "onnx:int8",
+         "--out", str(onnx), "--verbose"],
+        cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert v.returncode == 0, v.stderr[-3000:]
+    assert "edit2deploy.formats.onnx.builder:" in v.stderr  # the model builder's own lines, logged at DEBUG

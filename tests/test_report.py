@@ -35,6 +35,8 @@ from edit2deploy.report.svg import EDITED_COLOUR, PRESERVED_COLOUR
 
 def write_reports(result):
     return _write_reports(build_report(result), result.out)
+
+
 from edit2deploy.requests import EditRequest, Neighbor
 from edit2deploy.scoring import Scored
 from edit2deploy.gates import GateResult, ProbeRow, Verification
@@ -440,8 +442,12 @@ def test_one_target_grammar_protection_and_bare_types():
 
 
 def test_parse_gates():
-    assert parse_gates(["survival=0.9", "perplexity_increase=5"]) == Gates(survival=0.9, perplexity_increase=5.0)
-    assert parse_gates({"specificity_drop": None, "perplexity-increase": "off"}) == Gates(specificity_drop=None)
+    assert parse_gates(["survival=0.9", "perplexity_increase=5"]) == Gates(
+        survival=0.9, perplexity_increase=5.0
+    )
+    assert parse_gates({"specificity_drop": None, "perplexity-increase": "off"}) == Gates(
+        specificity_drop=None
+    )
     with pytest.raises(UsageError):
         parse_gates(["perplexity_increase=lots"])
 

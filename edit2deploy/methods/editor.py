@@ -1,4 +1,4 @@
-"""Applying a batch of edits: keys → target values → per-layer spread and solve (DESIGN.md steps 1-6).
+"""Applying a batch of edits: keys → target values → per-layer spread and solve (docs/method.md, steps 1-6).
 
 A batch applies completely or not at all: if any layer's solve is not finite, every tensor the
 batch touched is restored before the error propagates.
@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Hyperparameters of an edit run (defaults from DESIGN.md; per-architecture layers in arch.py)."""
+    """Hyperparameters of an edit run (defaults and their reasons: docs/method.md; per-architecture layers in arch.py)."""
 
     method: str = "default"
     layers: tuple[int, ...] = ()  # empty: the architecture's default
     lambda_p: float = 15_000.0  # weight of the preserved-key covariance C
     lambda_n: float = 15.0  # ENCORE's Frobenius-norm weight
     alpha: float = 10.0  # AlphaEdit's α (a Frobenius penalty on the projected update)
-    # Null-space threshold on the normalised covariance (eigenvalue / λ_max). DESIGN.md's 2e-2 is meant to keep ~70%
+    # Null-space threshold on the normalised covariance (eigenvalue / λ_max). The original spec's 2e-2 is meant to keep ~70%
     # of the directions; on SmolLM2's flatter spectrum it keeps 77-91% (and 32-47% of the preserved keys' energy),
     # 1e-2 keeps 52-78% — and gave +4 NS at equal ES/PS (benchmarks/RESULTS.md, "Null-space threshold").
     tau: float = 1e-2
@@ -318,7 +318,7 @@ class Editor:
     def solve(
         self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Spread z = h + δ over the edited layers (DESIGN.md steps 4-5) and apply; all or nothing."""
+        """Spread z = h + δ over the edited layers (docs/method.md, steps 4-5) and apply; all or nothing."""
         lm, arch, cfg = self.lm, self.lm.arch, self.cfg
         originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}

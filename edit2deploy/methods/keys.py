@@ -1,4 +1,4 @@
-"""Keys: the edited projection's input at the subject's last token (DESIGN.md step 1).
+"""Keys: the edited projection's input at the subject's last token (docs/method.md, step 1).
 
 k = ½·k(bare prompt) + ½·mean(k over the prompt behind each generated prefix).
 """
@@ -88,7 +88,7 @@ def locate_in_template(tokenizer, template: str, request: EditRequest) -> Locate
 
 
 class KeyPasses:
-    """Keys for each layer of a spread (DESIGN.md step 4), one forward pass per layer.
+    """Keys for each layer of a spread (docs/method.md, step 4), one forward pass per layer.
 
     The spread updates one layer between passes, and an update at layer l changes nothing below block l.
     So each pass caches the input of the block it edits next, and the next pass resumes there instead of

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..gates import Perplexity
 from ..report import SCHEMA_VERSION
-from .results import RunResult
+from .results import RunResult, TargetResult
 
 
 def _safe(obj):
@@ -76,62 +77,63 @@ def _ledger_json(state: dict, records: Sequence[dict]) -> dict:
     }
 
 
+def _target_json(t: TargetResult, root: Path, fp32: Perplexity | None, base_fp32: Perplexity | None) -> dict:
+    """One target's entry of the report."""
+    v = t.verification
+    art = t.artifact
+    pa, pb = t.perplexity, t.baseline_perplexity
+    return {
+        "target": str(t.target),
+        "format": t.target.format,
+        "quant": t.target.quant,
+        "passed": t.passed,
+        "artifact": {
+            "path": _rel(art.path, root),
+            "size_bytes": art.size_bytes,
+            "mode": art.mode,
+            "protect_edits": art.protect_edits,
+            "edited_types": dict(art.edited_types),
+            "type_counts": dict(art.type_counts),
+            "reused": t.export_cached,
+            "seconds": art.seconds,
+        },
+        "baseline": None
+        if t.baseline is None
+        else {"path": str(t.baseline.path), "reused": t.baseline_cached},
+        "modelfile": _rel(t.modelfile, root),
+        "rates": v.rates,
+        "survival": v.survival,
+        "baseline_agreement": v.baseline_agreement,
+        "gates": [
+            {
+                "name": g.name,
+                "value": g.value,
+                "threshold": g.threshold,
+                "passed": g.passed,
+                "detail": g.detail,
+                "failing": list(g.failing),
+            }
+            for g in v.gates
+        ],
+        "perplexity": {
+            "artifact": _ppl(pa),
+            "baseline": _ppl(pb),
+            "delta_vs_fp32": None if pa is None or fp32 is None else pa.value - fp32.value,
+            "baseline_delta_vs_base_fp32": None
+            if pb is None or base_fp32 is None
+            else pb.value - base_fp32.value,
+        },
+        "facts": [r.to_json() for r in v.rows],
+        "seconds": dict(t.seconds),
+    }
+
+
 def build_report(result: RunResult) -> dict[str, Any]:
     """The report.json document of a run (see report_schema.json)."""
     root = result.out
     fp32 = result.perplexity.get("fp32")
     base_fp32 = result.perplexity.get("base_fp32")
-    targets = []
-    for t in result.targets:
-        v = t.verification
-        art = t.artifact
-        pa, pb = t.perplexity, t.baseline_perplexity
-        targets.append(
-            {
-                "target": str(t.target),
-                "format": t.target.format,
-                "quant": t.target.quant,
-                "passed": t.passed,
-                "artifact": {
-                    "path": _rel(art.path, root),
-                    "size_bytes": art.size_bytes,
-                    "mode": art.mode,
-                    "protect_edits": art.protect_edits,
-                    "edited_types": dict(art.edited_types),
-                    "type_counts": dict(art.type_counts),
-                    "reused": t.export_cached,
-                    "seconds": art.seconds,
-                },
-                "baseline": None
-                if t.baseline is None
-                else {"path": str(t.baseline.path), "reused": t.baseline_cached},
-                "modelfile": _rel(t.modelfile, root),
-                "rates": v.rates,
-                "survival": v.survival,
-                "baseline_agreement": v.baseline_agreement,
-                "gates": [
-                    {
-                        "name": g.name,
-                        "value": g.value,
-                        "threshold": g.threshold,
-                        "passed": g.passed,
-                        "detail": g.detail,
-                        "failing": list(g.failing),
-                    }
-                    for g in v.gates
-                ],
-                "perplexity": {
-                    "artifact": _ppl(pa),
-                    "baseline": _ppl(pb),
-                    "delta_vs_fp32": None if pa is None or fp32 is None else pa.value - fp32.value,
-                    "baseline_delta_vs_base_fp32": None
-                    if pb is None or base_fp32 is None
-                    else pb.value - base_fp32.value,
-                },
-                "facts": [r.to_json() for r in v.rows],
-                "seconds": dict(t.seconds),
-            }
-        )
+    targets = [_target_json(t, root, fp32, base_fp32) for t in result.targets]
     doc = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "edit2deploy", "version": __version__},
