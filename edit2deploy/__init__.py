@@ -28,7 +28,20 @@ _LAZY = {
     "Target": ("formats", "Target"),
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "EditConfig",
+    "EditRequest",
+    "Editor",
+    "Gates",
+    "RunResult",
+    "Target",
+    "__version__",
+    "edit",
+    "export",
+    "predict",
+    "run",
+    "verify",
+]
 
 
 def __getattr__(name):

@@ -21,11 +21,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .probes import EDITED_KINDS, PRESERVED_KINDS, RATE_KINDS, Probe, ProbeResult, probes_for, run_probes
+from .gates import preserved_probes
 from .models import LoadedModel
+from .probes import EDITED_KINDS, PRESERVED_KINDS, RATE_KINDS, Probe, ProbeResult, probes_for, run_probes
 from .requests import EditRequest
 from .scoring import Scorer, TorchScorer
-from .gates import preserved_probes
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
 

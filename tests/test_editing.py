@@ -932,9 +932,9 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
     """`preserve_names`: the statistics corpus's names are preserved facts when the null space is built, except
     names occurring in the texts being edited; they are recorded in the ledger and change the basis. Off, for a
     method without a null space, or for `alphaedit` (as published), none are read."""
+    from edit2deploy.methods.preserved import facts_digest
     from edit2deploy.ops import edit as editing
     from edit2deploy.ops.edit import prepare_editor
-    from edit2deploy.methods.preserved import facts_digest
 
     monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
@@ -1212,8 +1212,8 @@ def test_smollm2_prefixes_are_prose(smollm2):
 def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     """4 CounterFact cases, default method, layers 4-8, statistics from 20k tokens of WikiText: every edit
     prompt now prefers the new target over the true one, which the unedited model did not."""
-    from edit2deploy.probes import probes_for, rates, run_probes
     from edit2deploy.ops.edit import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 
@@ -1248,11 +1248,11 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
 def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_path):
     """On the real model, 50 CounterFact train facts given as preserved: the first edited layer's update moves
     their keys (its input, which no edit changes) far less than without them, and the edits still take."""
-    from edit2deploy.probes import probes_for, rates, run_probes
-    from edit2deploy.ops.edit import edit_model
     from edit2deploy.ledger import Ledger
     from edit2deploy.methods.keys import context_templates
     from edit2deploy.methods.preserved import preserved_keys
+    from edit2deploy.ops.edit import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 
@@ -1286,12 +1286,12 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
 def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_path):
     """On the real model, the default preserves the statistics corpus's names: the first edited layer's update
     moves their keys less than with `preserve_names` off, and the edits still take."""
-    from edit2deploy.probes import probes_for, rates, run_probes
-    from edit2deploy.ops.edit import edit_model
     from edit2deploy.ledger import Ledger
     from edit2deploy.methods.keys import context_templates
     from edit2deploy.methods.preserved import name_facts, preserved_keys
     from edit2deploy.models import weights_fingerprint
+    from edit2deploy.ops.edit import edit_model
+    from edit2deploy.probes import probes_for, rates, run_probes
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
     from edit2deploy.stats import corpus_from_path, corpus_names
@@ -1330,8 +1330,8 @@ def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_pat
 def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
     """With a regulariser strong enough that some CounterFact edits do not take in one solve (λ_∅ 10,000), two
     retry rounds leave fewer failing, and the ledger's record of what still fails matches the edited model."""
-    from edit2deploy.probes import probes_for, run_probes
     from edit2deploy.ops.edit import edit_model
+    from edit2deploy.probes import probes_for, run_probes
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 

@@ -16,20 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from edit2deploy.errors import UsageError
 from edit2deploy.formats import (
     FORMATS,
     Artifact,
-    Format,
     ExportPolicy,
+    Format,
     detect_format,
     get_format,
     read_sidecar,
 )
+from edit2deploy.formats.gguf.constants import protected_type, quant_spec
 from edit2deploy.formats.gguf.export import check_artifact, file_type_name, same_tensor_bytes, tensor_types
 from edit2deploy.formats.gguf.patch import scan
-from edit2deploy.formats.gguf.constants import protected_type, quant_spec
-
-from edit2deploy.errors import UsageError
 from edit2deploy.synthetic import perturbed_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,8 +190,9 @@ def test_protection_floor():
 def test_numpy_and_llamacpp_encoders_agree():
     """gguf.quants (our numpy path) and ggml_quantize_chunk (llama.cpp) write the same bytes."""
     import gguf
-    from edit2deploy.formats.gguf.quant import ggml_encode
     from gguf import GGMLQuantizationType as QT
+
+    from edit2deploy.formats.gguf.quant import ggml_encode
 
     x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
     for t in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.BF16):
@@ -341,8 +342,9 @@ def test_tiny_scorer_order_and_prefix_reuse(g_tiny, tmp_path):
 
 @needs_llama
 def test_tiny_bf16_weights_quantize_from_a_bf16_intermediate(g_tiny, tmp_path):
-    from edit2deploy.formats.gguf.writer import intermediate_type
     from transformers import AutoModelForCausalLM
+
+    from edit2deploy.formats.gguf.writer import intermediate_type
 
     d = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(g_tiny("llama"), dtype=torch.bfloat16).save_pretrained(d)
@@ -568,9 +570,10 @@ def test_edited_exports_load_score_and_protect(quant, edited_type, g_edited_expo
 @needs_smollm2
 @needs_llama
 def test_patch_over_the_q4_1_source(g_edited_dir, g_source_gguf, tmp_path):
-    from edit2deploy.formats.gguf.arch import ModelLayout
     from gguf import GGMLQuantizationType as QT
     from gguf import quants
+
+    from edit2deploy.formats.gguf.arch import ModelLayout
 
     edited = {f"blk.{i}.ffn_down.weight" for i in EDITED_LAYERS}
     for policy, edited_type in (("q8_0", "Q8_0"), ("none", "Q4_1")):

@@ -36,9 +36,9 @@ def test_margin_rows_and_hinge():
 @pytest.mark.slow
 def test_margin_optimisation_reaches_the_margin(smollm2):
     """With margin m, a converged request beats its true answer by ≥ m in the bare prompt (real SmolLM2)."""
-    from edit2deploy.probes import continuation
     from edit2deploy.methods.keys import context_templates
     from edit2deploy.methods.values import ValueHParams, optimise_values
+    from edit2deploy.probes import continuation
     from edit2deploy.requests import load_requests
     from edit2deploy.scoring import TorchScorer
 

@@ -16,12 +16,12 @@ from conftest import tree_digest
 from safetensors.torch import load_file
 
 from edit2deploy import cli
-from edit2deploy.ops.edit import edit_model, prepare_editor
 from edit2deploy.errors import UsageError
 from edit2deploy.ledger import LEDGER_DIR, Ledger, read_edit_info, rollback, tensor_sha256
 from edit2deploy.methods import METHODS, EditConfig
 from edit2deploy.methods.values import ValueHParams
 from edit2deploy.models import open_model
+from edit2deploy.ops.edit import edit_model, prepare_editor
 
 REQUESTS = [
     {

@@ -103,7 +103,6 @@ def test_gguf_simulation_equals_the_exported_file(q_tiny, q_lm, quant, protect, 
 @needs_llama
 def test_simulation_swaps_in_and_restores_bit_for_bit(q_tiny, q_lm):
     from edit2deploy.formats import FORMATS
-
     from edit2deploy.quantsim import Simulation
 
     sim = Simulation(q_lm, FORMATS["gguf"].scheme(q_tiny, "Q3_K_M", "none"))
@@ -148,9 +147,10 @@ def test_gguf_patch_plan_uses_the_base_types(q_tiny, tmp_path):
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_onnx_simulation_equals_the_exported_matmulnbits(q_tiny, q_lm, quant, tmp_path):
     import onnx
+    from onnx import numpy_helper
+
     from edit2deploy.formats import FORMATS
     from edit2deploy.formats.onnx.sim import NBits
-    from onnx import numpy_helper
 
     art = FORMATS["onnx"].export(q_tiny, tmp_path / "onnx", quant, "none")
     model = onnx.load(str(art.path / "model.onnx"))
@@ -199,8 +199,9 @@ def _dequant_nbits(packed, scales, node, inits, bits, k):
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_bnb_simulation_matches_bitsandbytes_layers(q_tiny, q_lm, quant):
     import bitsandbytes.functional as bf
-    from edit2deploy.formats import FORMATS
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from edit2deploy.formats import FORMATS
 
     cfg = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -245,8 +246,8 @@ def test_predict_cli_usage_errors(q_tiny):
 def test_predicted_verdicts_match_llama_cpp_on_smollm2(smollm2, smollm2_dir, tmp_path):
     """Unedited SmolLM2, facts.jsonl + 30 CounterFact cases: predicted Q3_K_M verdicts vs llama.cpp's."""
     from conftest import COUNTERFACT_VAL
-    from edit2deploy.formats import FORMATS
 
+    from edit2deploy.formats import FORMATS
     from edit2deploy.probes import run_probes
     from edit2deploy.quantsim import Simulation, predict, suite
     from edit2deploy.requests import load_requests
@@ -276,13 +277,13 @@ def test_predicted_verdicts_match_llama_cpp_on_smollm2(smollm2, smollm2_dir, tmp
 def test_activation_rounding_matches_llama_cpp(q_tiny, q_lm, qtype_name, tmp_path):
     """One quantized layer in an otherwise F32 GGUF: llama.cpp's logits equal the simulation's once the layer's
     input is rounded like ggml-cpu does (Q8_0 / Q8_K blocks), and not without."""
+    from gguf import GGMLQuantizationType as QT
+
     from edit2deploy.formats import FORMATS
     from edit2deploy.formats.gguf.arch import ModelLayout
     from edit2deploy.formats.gguf.patch import Replacement, rewrite, scan
     from edit2deploy.formats.gguf.quant import encode
     from edit2deploy.formats.gguf.sim import activation_fake, fake_quant
-    from gguf import GGMLQuantizationType as QT
-
     from edit2deploy.quantsim import Simulation, TensorQuant
 
     qtype = QT[qtype_name]

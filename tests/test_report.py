@@ -17,17 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edit2deploy.formats import Artifact
 
-from edit2deploy.probes import Probe, ProbeResult
 from edit2deploy.errors import UsageError
+from edit2deploy.formats import FORMATS, Artifact, Protection, Target, parse_targets
 from edit2deploy.formats.gguf.modelfile import CHATML_GO_TEMPLATE, chatml_default_system, modelfile_text
-from edit2deploy.formats import FORMATS, Protection, Target, parse_targets
 from edit2deploy.gates import Gates, Perplexity
 from edit2deploy.ops.report import build_report
 from edit2deploy.ops.results import RunResult, TargetResult
 from edit2deploy.ops.scores import CachedScorer, HeldOut, heldout_pairs, load_heldout
 from edit2deploy.ops.verify import parse_gates
+from edit2deploy.probes import Probe, ProbeResult
 from edit2deploy.report import load_schema, render_html, render_markdown
 from edit2deploy.report import write_reports as _write_reports
 from edit2deploy.report.svg import EDITED_COLOUR, PRESERVED_COLOUR
@@ -37,9 +36,9 @@ def write_reports(result):
     return _write_reports(build_report(result), result.out)
 
 
+from edit2deploy.gates import GateResult, ProbeRow, Verification
 from edit2deploy.requests import EditRequest, Neighbor
 from edit2deploy.scoring import Scored
-from edit2deploy.gates import GateResult, ProbeRow, Verification
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from edit2deploy.probes import Probe, ProbeResult, continuation, probes_for, rates, run_probes
 from edit2deploy.models import open_model
+from edit2deploy.probes import Probe, ProbeResult, continuation, probes_for, rates, run_probes
 from edit2deploy.requests import EditRequest, Neighbor
 from edit2deploy.scoring import Scored, Scorer, TorchScorer, document_start, hf_tokenize, pad_batch
 

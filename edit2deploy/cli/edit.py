@@ -87,9 +87,9 @@ def add_edit(sub) -> Callable:
 
 def hardening(args: argparse.Namespace):
     """(scheme factories, HardenConfig) from the --harden-* flags (empty when not asked for)."""
+    from ..formats import parse_targets
     from ..methods.harden import HardenConfig
     from ..ops.predict import scheme_factories
-    from ..formats import parse_targets
 
     tuning = {
         "margin": args.harden_margin,

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..arch import head_logits
-from ..probes import continuation
 from ..forward import (
     StopForward,
     frozen_linears_on_onednn,
@@ -27,6 +26,7 @@ from ..forward import (
     run_until_stop,
 )
 from ..models import LoadedModel
+from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
 from .keys import locate_in_template, locate_subject

@@ -13,7 +13,8 @@ from ..errors import UsageError
 from ..formats import DEFAULT_PROTECTION, Protection, Target, get_format, parse_targets
 from ..models import LoadedModel, open_model
 from ..probes import run_probes
-from ..quantsim import Prediction, QuantScheme, Simulation, predict as simulate, suite
+from ..quantsim import Prediction, QuantScheme, Simulation, suite
+from ..quantsim import predict as simulate
 from ..requests import EditRequest
 from ..scoring import TorchScorer
 from .verify import ledger_requests, requests_from

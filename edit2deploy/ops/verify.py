@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import FORMATS, Artifact, Format, detect_format
-from ..gates import Gates, Perplexity, Verification, perplexity, perplexity_gate, verify as score_and_gate
+from ..gates import Gates, Perplexity, Verification, perplexity, perplexity_gate
+from ..gates import verify as score_and_gate
 from ..ledger import Ledger
 from ..models import resolve_model_dir
 from ..requests import EditRequest, load_requests

@@ -7,8 +7,7 @@ from typing import Any
 
 from ..probes import EDITED_KINDS
 from .svg import EDITED_COLOUR, PRESERVED_COLOUR, bars_svg, hbars_svg, scatter_svg
-from .text import SUMMARY_HEADERS, _e, _ppl_value, _norm_series, _num, _short_tensor, _signed, summary_rows
-
+from .text import SUMMARY_HEADERS, _e, _norm_series, _num, _ppl_value, _short_tensor, _signed, summary_rows
 
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px 32px;color:#1b1f24;background:#fff}

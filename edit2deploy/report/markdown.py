@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .text import SUMMARY_HEADERS, _ppl_value, _norm_series, _num, _short_tensor, _signed, summary_rows
+from .text import SUMMARY_HEADERS, _norm_series, _num, _ppl_value, _short_tensor, _signed, summary_rows
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -34,9 +34,9 @@ from edit2deploy.ledger import read_edit_info
 
 from ..base import Artifact, ExportPolicy, sidecar_path, write_sidecar
 from .arch import ModelLayout, is_float_only
+from .constants import PROTECT_TYPES, bits_per_weight, protected_type, quant_spec, row_fits
 from .patch import GGUFLayout, Replacement, is_gguf, rewrite, scan
 from .quant import encode, llama_quantize
-from .constants import PROTECT_TYPES, bits_per_weight, protected_type, quant_spec, row_fits
 from .writer import intermediate_type, safetensors_index, write_gguf
 
 FORMAT = "gguf"

@@ -37,9 +37,9 @@ from edit2deploy.quantsim import TensorQuant
 
 from ..base import ExportPolicy, edited_tensor_list, target_label
 from .arch import ModelLayout, is_float_only
+from .constants import protected_type, quant_spec, row_fits
 from .patch import is_gguf, scan
 from .quant import encode
-from .constants import protected_type, quant_spec, row_fits
 
 PLAN_VERSION = 1
 

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from edit2deploy.errors import UsageError
 
 from .arch import ModelLayout, is_float_only, is_output_like
-from .quant import encode
 from .constants import n_bytes, protected_type, row_fits
+from .quant import encode
 from .vocab import VocabInfo, add_vocab
 
 _LEGACY_LOW_BIT = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1})

@@ -16,9 +16,9 @@ node became (`MatMul` with a float weight, or `MatMulNBits` with 4 or 8 bits).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import logging
 import subprocess
 import sys
 import tempfile

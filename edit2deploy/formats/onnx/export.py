@@ -42,6 +42,7 @@ from edit2deploy.errors import UsageError
 from edit2deploy.ledger import read_edit_info
 
 from ..base import RECORD_FILE, Artifact, ExportPolicy
+from . import MODEL_FILE, QUANTS
 from .builder import (
     BUILDER_ARCHITECTURES,
     QuantOptions,
@@ -51,7 +52,6 @@ from .builder import (
     hf_architecture,
     run_builder,
 )
-from . import MODEL_FILE, QUANTS
 from .graph import WeightNode, stored_type_counts, weight_nodes
 from .scorer import GENAI_CONFIG, GenAIScorer, OrtScorer
 

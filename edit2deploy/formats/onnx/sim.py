@@ -175,8 +175,8 @@ class ONNXScheme:
     weights: list[str]  # HF names of the 2-D weights
 
     def plan(self) -> dict[str, TensorQuant]:
-        from .export import find_node
         from .builder import builder_node_candidates
+        from .export import find_node
         from .graph import WeightNode
 
         nodes = {n: WeightNode(n, e["op"], "", e["stored"]) for n, e in self.nodes.items()}
