@@ -18,7 +18,9 @@ from edit2deploy import cli
 from edit2deploy.errors import UsageError
 from edit2deploy.formats import FORMATS, Format, Target, detect_format, get_format, parse_targets
 from edit2deploy.formats.base import RECORD_FILE as META_FILE
-from edit2deploy.formats.bnb.export import check_artifact, is_bnb_dir, stored_types
+from edit2deploy.formats.bnb import is_bnb_dir
+from edit2deploy.formats.bnb.export import check as check_artifact
+from edit2deploy.formats.bnb.export import stored_types
 from edit2deploy.probes import probes_for, run_probes
 from edit2deploy.requests import load_requests
 from edit2deploy.scoring import TorchScorer

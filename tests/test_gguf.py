@@ -28,7 +28,8 @@ from edit2deploy.formats import (
     read_sidecar,
 )
 from edit2deploy.formats.gguf.constants import protected_type, quant_spec
-from edit2deploy.formats.gguf.export import check_artifact, file_type_name, same_tensor_bytes, tensor_types
+from edit2deploy.formats.gguf.export import check as check_artifact
+from edit2deploy.formats.gguf.export import file_type_name, same_tensor_bytes, tensor_types
 from edit2deploy.formats.gguf.patch import scan
 from edit2deploy.synthetic import perturbed_copy
 

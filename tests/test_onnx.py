@@ -17,7 +17,8 @@ from edit2deploy.errors import UsageError
 from edit2deploy.formats import FORMATS, Artifact, Format, detect_format, get_format
 from edit2deploy.formats.base import RECORD_FILE as META_FILE
 from edit2deploy.formats.onnx.builder import QuantOptions, builder_extra_options, builder_node_candidates
-from edit2deploy.formats.onnx.export import check_artifact, standalone_generate
+from edit2deploy.formats.onnx.export import check as check_artifact
+from edit2deploy.formats.onnx.export import standalone_generate
 from edit2deploy.formats.onnx.graph import weight_nodes
 from edit2deploy.probes import continuation, probes_for, run_probes
 from edit2deploy.requests import load_requests

@@ -294,6 +294,38 @@ def test_python_api_export_and_verify(cold_warm, tmp_path):
         edit2deploy.export(model, tmp_path / "x", "mlx:q4")
 
 
+def test_cli_and_api_are_the_same_operations(cold_warm, tmp_path, capsys):
+    """The API's export/verify/predict are `ops`'s functions, and the CLI calls them: the same artifact bytes and
+    the same verification come out of both."""
+    import hashlib
+
+    import edit2deploy
+    from edit2deploy.ops import export, predict, verify
+
+    assert (edit2deploy.export, edit2deploy.verify, edit2deploy.predict) == (
+        export.export,
+        verify.verify,
+        predict.predict,
+    )
+    model = cold_warm["out"] / "model"
+    api_art = edit2deploy.export(model, tmp_path / "api.gguf", "gguf:Q8_0")
+    out = tmp_path / "cli.gguf"
+    assert (
+        cli.main(["export", "--model", str(model), "--target", "gguf:Q8_0", "--out", str(out), "--json"]) == 0
+    )
+    cli_art = json.loads(capsys.readouterr().out)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (api_art.path, out)]
+    assert digest[0] == digest[1] and cli_art["edited_types"] == api_art.edited_types
+    gates = ["survival=0", "specificity_drop=off"]
+    api_ver = edit2deploy.verify(api_art, model, gates=gates)
+    rc = cli.main(
+        ["verify", "--artifact", str(out), "--model", str(model), "--json", *[f"--gate={g}" for g in gates]]
+    )
+    cli_ver = json.loads(capsys.readouterr().out)
+    assert rc == 0 and cli_ver["passed"] is api_ver.passed is True
+    assert cli_ver["rates"] == api_ver.rates and cli_ver["survival"] == api_ver.survival
+
+
 # ==================================================================== crash safety
 def _is_temp(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name

@@ -45,11 +45,14 @@ def add_predict(sub) -> Callable:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..ops.predict import predict
 
-    def show(p) -> None:
-        if not args.json:
-            print_prediction(p.prediction, show_all=args.all, seconds=p.seconds)
+    docs = []
 
-    timed = predict(
+    def show(pred, seconds: float) -> None:
+        docs.append({**pred.to_json(), "seconds": seconds})
+        if not args.json:
+            print_prediction(pred, show_all=args.all, seconds=seconds)
+
+    predict(
         args.model,
         args.targets,
         args.edits,
@@ -62,7 +65,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         on_each=show,
     )
     if args.json:
-        docs = [{**p.prediction.to_json(), "seconds": p.seconds} for p in timed]
         json.dump({"model": str(args.model), "predictions": docs}, sys.stdout, indent=1)
         print()
     return 0

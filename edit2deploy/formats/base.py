@@ -1,10 +1,7 @@
 """What every deployment format shares: the artifact record, the export policy, the target, and the `Format`
-base class whose hooks a format implements.
-
-A format subclass sets `name` and `quants` and implements the hooks (`is_artifact`, `write`, `describe`,
-`check`, `open_scorer`, `export_baseline`, `simulator`). The base class owns everything that is the same
-for every format: where the record lives and how it is read and written, `load`, `detect`, option checking,
-default gates, and the artifact's file name in a run.
+base class. The base class owns everything that is the same for every format (where the record lives and how it
+is read and written, `load`, `detect`, option checking, default gates, the artifact's name in a run); a format
+supplies its hooks (see `Format`).
 """
 
 from __future__ import annotations
@@ -187,19 +184,34 @@ def edited_tensor_list(model_dir: Path | str, edited: Sequence[str] | None) -> l
 
 
 class Format:
-    """A deployment format. Subclasses set the class attributes and implement the hooks below."""
+    """A deployment format. A subclass sets the class attributes; its package's `implementation` module holds the
+    format-specific hooks as functions with these names:
+
+    - `export(model_dir, out, quant, policy, **options) -> Artifact`: write the artifact atomically, with its
+      record; every format takes `progress=` (draw a progress bar) and `edited_tensors=` besides its options;
+    - `describe(path) -> Artifact`: an artifact we did not write (no record): what the file itself says;
+    - `check(artifact) -> list[str]`: the post-export check, problems between the record and what is on disk;
+    - `open_scorer(artifact, **kwargs) -> Scorer`: the artifact in the format's own runtime;
+    - `export_baseline(artifact, base_model_dir, out) -> Artifact`: the unedited model exported exactly as
+      `artifact` was (same type, policy, options, protected names).
+
+    The module is imported on first use, so a format's runtime (llama.cpp, onnxruntime, bitsandbytes) loads only
+    when that format is used. Everything else is shared and lives here."""
 
     name: ClassVar[str]
     quants: ClassVar[tuple[str, ...]]
     single_file: ClassVar[bool] = False  # a file (record in a sidecar) or a directory (record inside)
     options: ClassVar[tuple[str, ...]] = ()  # export options this format takes (keyword arguments)
     expected: ClassVar[str]  # what an artifact of this format is, for error messages ("a GGUF file")
-    simulator_module: ClassVar[str]  # module (relative to the format's package) with `SIMULATOR`
+    implementation: ClassVar[str] = ".export"  # the hooks' module, relative to the format's package
+    simulator_module: ClassVar[str] = ".sim"  # module with `SIMULATOR`: its quantization simulated in torch
 
-    # ------------------------------------------------------------ hooks
     def is_artifact(self, path: Path) -> bool:
         """Whether `path` holds an artifact of this format (record or not)."""
         raise NotImplementedError
+
+    def _module(self, name: str) -> Any:
+        return importlib.import_module(name, type(self).__module__)
 
     def export(
         self,
@@ -209,25 +221,19 @@ class Format:
         policy: ExportPolicy | str | None = None,
         **kwargs: Any,
     ) -> Artifact:
-        """Write `model_dir` (a Hugging Face directory, possibly edited) to `out` at `quant`, atomically, with its
-        record. Every format takes `progress=` (draw a progress bar) and `edited_tensors=` besides its options."""
-        raise NotImplementedError
+        return self._module(self.implementation).export(model_dir, out, quant, policy, **kwargs)
 
     def describe(self, path: Path) -> Artifact:
-        """The artifact of a file we did not write (no record): what the file itself says."""
-        raise NotImplementedError
+        return self._module(self.implementation).describe(path)
 
     def check(self, artifact: Artifact) -> list[str]:
-        """Post-export check: problems between the record and the artifact on disk (empty: consistent)."""
-        raise NotImplementedError
+        return self._module(self.implementation).check(artifact)
 
     def open_scorer(self, artifact: Artifact, **kwargs: Any) -> Scorer:
-        """Open an artifact in the format's own runtime."""
-        raise NotImplementedError
+        return self._module(self.implementation).open_scorer(artifact, **kwargs)
 
-    def export_baseline(self, artifact: Artifact, base_model_dir: Path | str, out: Path | str) -> Artifact:
-        """The unedited model exported exactly as `artifact` was (same type, policy, options, protected names)."""
-        raise NotImplementedError
+    def paired_baseline(self, artifact: Artifact, base_model_dir: Path | str, out: Path | str) -> Artifact:
+        return self._module(self.implementation).export_baseline(artifact, base_model_dir, out)
 
     def after_export(self, artifact: Artifact, model_dir: Path) -> list[Path]:
         """Write the files a run puts next to a new artifact (e.g. an Ollama Modelfile); returns their paths."""
@@ -273,9 +279,6 @@ class Format:
         art = artifact if isinstance(artifact, Artifact) else self.load(artifact)
         return self.open_scorer(art, **kwargs)
 
-    def paired_baseline(self, artifact: Artifact, base_model_dir: Path | str, out: Path | str) -> Artifact:
-        return self.export_baseline(artifact, base_model_dir, out)
-
     def check_options(self, options: Mapping[str, Any], where: str = "export") -> dict[str, Any]:
         """Only the options this format takes; an unknown one is a usage error naming it."""
         given = {k: v for k, v in options.items() if v is not None}
@@ -292,8 +295,7 @@ class Format:
 
     def simulator(self) -> Any:
         """The format's quantization simulated in torch (`.scheme(model_dir, quant, policy, ...)`)."""
-        module = importlib.import_module(self.simulator_module, type(self).__module__)
-        return module.SIMULATOR
+        return self._module(self.simulator_module).SIMULATOR
 
     def scheme(
         self, model_dir: Path | str, quant: str | None, policy: Any = None, **kwargs: Any

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
@@ -36,12 +35,6 @@ def scheme_factories(targets: Sequence[Target]) -> list[Callable[[LoadedModel, S
     return [factory(t) for t in targets]
 
 
-@dataclass
-class TimedPrediction:
-    prediction: Prediction
-    seconds: float
-
-
 def predict(
     model: str | Path,
     targets: str | Sequence[str | Target],
@@ -53,10 +46,11 @@ def predict(
     limit: int | None = None,
     preserved_n: int | None = None,
     device: str = "cpu",
-    on_each: Callable[[TimedPrediction], None] | None = None,
-) -> list[TimedPrediction]:
+    on_each: Callable[[Prediction, float], None] | None = None,
+) -> list[Prediction]:
     """Per-fact predicted verdicts of each target (`"Q4_K_M,onnx:int4,bnb:nf4"`) vs full precision.
-    `edits` default: the requests in the model's ledger. `patch`: predict a gguf patch export over this base."""
+    `edits` default: the requests in the model's ledger. `patch`: predict a gguf patch export over this base.
+    `on_each(prediction, seconds)` is called as each target is done."""
     specs = parse_targets(targets, protect_edits, "--targets")
     base = Path(patch) if patch is not None else None
     if base is not None and not base.is_file():
@@ -70,10 +64,8 @@ def predict(
     for spec in specs:
         t = time.perf_counter()
         scheme = build_scheme(spec, lm.model_dir, base if spec.format == "gguf" else None)
-        pred = TimedPrediction(
-            simulate(Simulation(lm, scheme), probes, reference), round(time.perf_counter() - t, 2)
-        )
+        pred = simulate(Simulation(lm, scheme), probes, reference)
         if on_each is not None:
-            on_each(pred)
+            on_each(pred, round(time.perf_counter() - t, 2))
         out.append(pred)
     return out

@@ -106,12 +106,13 @@ def _artifact_scorer(fmt: Format, art: Artifact, cache_key: dict | None) -> Cach
 
 @dataclass
 class VerifyResult:
-    """`verify`'s answer: the artifact, its paired baseline (if made) and what checking it gave."""
+    """`verify`'s answer: the artifact, its paired baseline (if made), the thresholds applied and what checking
+    it gave (`rows`, `rates`, `survival`, `baseline_agreement`, `gates` are the verification's)."""
 
     artifact: Artifact
     baseline: Artifact | None
     check: ArtifactCheck
-    gates: Gates
+    thresholds: Gates
 
     @property
     def verification(self) -> Verification:
@@ -120,6 +121,26 @@ class VerifyResult:
     @property
     def passed(self) -> bool:
         return self.verification.passed
+
+    @property
+    def rows(self):
+        return self.verification.rows
+
+    @property
+    def rates(self) -> dict:
+        return self.verification.rates
+
+    @property
+    def survival(self) -> dict:
+        return self.verification.survival
+
+    @property
+    def baseline_agreement(self) -> float | None:
+        return self.verification.baseline_agreement
+
+    @property
+    def gates(self):
+        return self.verification.gates
 
     def to_json(self) -> dict:
         return {"artifact": self.artifact.to_json(), **self.verification.to_json()}

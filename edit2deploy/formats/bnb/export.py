@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import time
 from collections import Counter
@@ -43,8 +44,9 @@ from edit2deploy.atomic import atomic_dir, remove_stale_temps
 from edit2deploy.errors import UsageError
 from edit2deploy.ledger import read_edit_info
 
+from ...scoring import Scored, TorchScorer
 from ..base import RECORD_FILE, Artifact, ExportPolicy
-from . import INSTALL_HINT, QUANT_METHOD, QUANTS
+from . import INSTALL_HINT, QUANTS, is_bnb_dir
 
 FORMAT = "bnb"
 _BITS = {"nf4": 4, "fp4": 4, "int8": 8, "float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
@@ -125,18 +127,6 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: unreadable config.json ({exc})") from exc
-
-
-def is_bnb_dir(path: Path | str) -> bool:
-    """A directory whose config.json says it holds a bitsandbytes-quantized checkpoint."""
-    p = Path(path)
-    if not (p.is_dir() and (p / "config.json").is_file()):
-        return False
-    try:
-        qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def _check_io(model_dir: Path, out: Path) -> None:
@@ -269,7 +259,7 @@ def _record_edited(
     return names, kinds
 
 
-def export_bnb(
+def export(
     model_dir: Path | str,
     out: Path | str,
     quant: str | None = "nf4",
@@ -346,7 +336,7 @@ def describe(path: Path) -> Artifact:
     )
 
 
-def check_artifact(artifact: Artifact) -> list[str]:
+def check(artifact: Artifact) -> list[str]:
     """Problems between an artifact record and the checkpoint on disk (empty list: consistent)."""
     problems: list[str] = []
     types = stored_types(Path(artifact.path))
@@ -363,12 +353,45 @@ def check_artifact(artifact: Artifact) -> list[str]:
     return problems
 
 
-def export_paired_baseline(
-    artifact: Artifact, base_model_dir: Path | str, out: Path | str, **kw: Any
-) -> Artifact:
+def _quiet_int8_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+class BnbScorer(TorchScorer):
+    """`TorchScorer` on a bitsandbytes checkpoint loaded back with `from_pretrained` (as a deployment does)."""
+
+    name = "bitsandbytes"
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        # LLM.int8 casts float32 activations to float16 (documented behaviour); bitsandbytes logs that once per
+        # layer and call, which would bury a run's output
+        log = logging.getLogger("bitsandbytes.autograd._functions")
+        log.addFilter(_quiet_int8_cast)
+        try:
+            return super().score(pairs)
+        finally:
+            log.removeFilter(_quiet_int8_cast)
+
+    def close(self) -> None:
+        self.model = None  # drop the weights now (a run verifies several targets in a row)
+
+
+def open_scorer(artifact: Artifact, batch_size: int = 32, **kwargs: Any) -> BnbScorer:
+    """A `Scorer` on a bitsandbytes directory: the checkpoint's own quantization_config decides how it loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_bnb()
+    art = artifact
+    path = Path(art.path)
+    dtype = (art.extra.get("options") or {}).get("dtype", "float32")
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=_torch_dtype(dtype), **kwargs)
+    return BnbScorer(model.eval(), AutoTokenizer.from_pretrained(path), batch_size=batch_size)
+
+
+def export_baseline(artifact: Artifact, base_model_dir: Path | str, out: Path | str, **kw: Any) -> Artifact:
     """Export the unedited model exactly as `artifact` was exported (same type, options, policy and protected
     module names), so a comparison isolates the edit from the export."""
-    return export_bnb(
+    return export(
         base_model_dir,
         out,
         artifact.quant,

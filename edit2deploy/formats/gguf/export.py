@@ -151,7 +151,7 @@ def _artifact(
     )
 
 
-def export_gguf(
+def export(
     model_dir: Path | str,
     out: Path | str,
     quant: str | None = "Q8_0",
@@ -271,6 +271,13 @@ def _patch(
     return art
 
 
+def open_scorer(artifact: Artifact, **kwargs: Any):
+    """The artifact in llama.cpp (`LlamaCppScorer`: scores, greedy continuations, chat)."""
+    from .scorer import LlamaCppScorer
+
+    return LlamaCppScorer(artifact.path, **kwargs)
+
+
 def describe(path: Path) -> Artifact:
     """The `Artifact` of a GGUF we did not write: what the file itself says."""
     layout = scan(path)
@@ -286,7 +293,7 @@ def describe(path: Path) -> Artifact:
     )
 
 
-def check_artifact(artifact: Artifact) -> list[str]:
+def check(artifact: Artifact) -> list[str]:
     """Problems between an artifact record and the file on disk (empty list: consistent).
 
     Checks that every edited tensor is present at the recorded type and not below the protection floor.
@@ -307,13 +314,13 @@ def check_artifact(artifact: Artifact) -> list[str]:
     return problems
 
 
-def export_paired_baseline(
+def export_baseline(
     artifact: Artifact, base_model_dir: Path | str, out: Path | str, *, threads: int | None = None
 ) -> Artifact:
     """Export the unedited model exactly as `artifact` was exported (same type, policy, protected tensor
     names, patch base), so a comparison isolates the edit from the export."""
     policy = ExportPolicy(protect_edits=artifact.protect_edits)
-    return export_gguf(
+    return export(
         base_model_dir,
         out,
         None if artifact.mode == "patch" else artifact.quant,

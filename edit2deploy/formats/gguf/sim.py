@@ -146,7 +146,7 @@ def exported_types(
     model_dir: Path, quant: str, policy: ExportPolicy, edited: Sequence[str], cache: bool = True
 ) -> dict[str, str]:
     """GGUF tensor name -> stored type of a full export of `model_dir` at `quant` (cached)."""
-    from .export import export_gguf, tensor_types
+    from .export import export, tensor_types
 
     key = _plan_key(model_dir, quant, policy.protect_edits, edited, None)
     store = cache_root() / "quantplans" / f"gguf-{key}.json"
@@ -157,7 +157,7 @@ def exported_types(
             pass  # unreadable: recompute
     with tempfile.TemporaryDirectory(prefix="edit2deploy-plan-") as tmp:
         out = Path(tmp) / "plan.gguf"
-        export_gguf(model_dir, out, quant, policy, edited_tensors=list(edited))
+        export(model_dir, out, quant, policy, edited_tensors=list(edited))
         types = tensor_types(out)
     if cache:
         store.parent.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,7 @@ def resolve_backend(model_dir: Path, backend: str = "auto") -> str:
     return backend
 
 
-def export_onnx(
+def export(
     model_dir: Path | str,
     out: Path | str,
     quant: str | None = "int8",
@@ -162,7 +162,7 @@ def export_onnx(
         base = QuantOptions.coerce(options).to_json()
         unknown = sorted(set(option_kw) - set(base))
         if unknown:
-            raise TypeError(f"export_onnx: unknown option(s) {', '.join(unknown)}")
+            raise TypeError(f"ONNX export: unknown option(s) {', '.join(unknown)}")
         options = {**base, **option_kw}
     opts = QuantOptions.coerce(options)
     backend = resolve_backend(model_dir, backend)
@@ -306,7 +306,7 @@ def describe(path: Path) -> Artifact:
     )
 
 
-def check_artifact(artifact: Artifact) -> list[str]:
+def check(artifact: Artifact) -> list[str]:
     """Problems between an artifact record and the graph on disk (empty list: consistent)."""
     problems: list[str] = []
     nodes = weight_nodes(Path(artifact.path) / MODEL_FILE)
@@ -422,13 +422,11 @@ def standalone_generate(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def export_paired_baseline(
-    artifact: Artifact, base_model_dir: Path | str, out: Path | str, **kw: Any
-) -> Artifact:
+def export_baseline(artifact: Artifact, base_model_dir: Path | str, out: Path | str, **kw: Any) -> Artifact:
     """Export the unedited model exactly as `artifact` was exported (same precision, options, provider, backend,
     policy and protected tensor names), so a comparison isolates the edit from the export."""
     extra = artifact.extra
-    return export_onnx(
+    return export(
         base_model_dir,
         out,
         artifact.quant,

@@ -134,7 +134,7 @@ def exported_plan(
     model_dir: Path, quant: str, policy: ExportPolicy, edited: Sequence[str], options: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The weight-node plan of a real export of `model_dir` with these settings (cached by config + settings)."""
-    from .export import MODEL_FILE, export_onnx
+    from .export import MODEL_FILE, export
 
     blob = json.dumps(
         [
@@ -156,7 +156,7 @@ def exported_plan(
             pass
     with tempfile.TemporaryDirectory(prefix="edit2deploy-plan-") as tmp:
         out = Path(tmp) / "onnx"
-        art = export_onnx(model_dir, out, quant, policy, options=options or None, edited_tensors=list(edited))
+        art = export(model_dir, out, quant, policy, options=options or None, edited_tensors=list(edited))
         if art.extra.get("backend") != "builder":
             raise UsageError(
                 "ONNX prediction covers the model-builder path only (not the torch fallback, e.g. GPT-2)"
