@@ -1,4 +1,4 @@
-"""Applying a batch of edits: keys → target values → per-layer spread and solve (docs/method.md, steps 1-6).
+"""Applying a batch of edits: keys → target values → per-layer spread and solve (docs/method.md, steps 1-5).
 
 A batch applies completely or not at all: if any layer's solve is not finite, every tensor the
 batch touched is restored before the error propagates.
@@ -318,7 +318,7 @@ class Editor:
     def solve(
         self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Spread z = h + δ over the edited layers (docs/method.md, steps 4-5) and apply; all or nothing."""
+        """Spread z = h + δ over the edited layers (docs/method.md, steps 3-4) and apply; all or nothing."""
         lm, arch, cfg = self.lm, self.lm.arch, self.cfg
         originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}

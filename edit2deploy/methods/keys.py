@@ -88,7 +88,7 @@ def locate_in_template(tokenizer, template: str, request: EditRequest) -> Locate
 
 
 class KeyPasses:
-    """Keys for each layer of a spread (docs/method.md, step 4), one forward pass per layer.
+    """Keys for each layer of a spread (docs/method.md, step 3), one forward pass per layer.
 
     The spread updates one layer between passes, and an update at layer l changes nothing below block l.
     So each pass caches the input of the block it edits next, and the next pass resumes there instead of

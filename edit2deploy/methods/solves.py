@@ -1,4 +1,4 @@
-"""Closed-form weight updates, one function per equation (docs/method.md, step 5).
+"""Closed-form weight updates, one function per equation (docs/method.md, step 4).
 
 Shapes: K (d_in, n) keys of this batch, R (d_out, n) residuals, C (d_in, d_in) = E[k kᵀ],
 KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector,

@@ -1,4 +1,4 @@
-"""Target values z: one δ per request at the last edited layer's block output (docs/method.md, steps 2-3).
+"""Target values z: one δ per request at the last edited layer's block output (docs/method.md, step 2).
 
 All requests of a batch are optimised together: one padded forward/backward per step over every
 (request, context) row, rows grouped into a few length buckets so padding stays small. A request
