@@ -64,13 +64,13 @@ ONNX_FLAGS = {  # option name -> its flag
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..ops.export import export
+    from ..ops.export import export, resolve_target
 
     options = {
         name: getattr(args, flag) for name, flag in ONNX_FLAGS.items() if getattr(args, flag) is not None
     }
-    fmt = (args.format or (args.target or "").partition(":")[0]).lower()
-    if options and fmt != "onnx":
+    fmt, _, _ = resolve_target(args.target, args.format, args.quant, args.protect_edits)
+    if options and fmt.name != "onnx":
         raise UsageError(
             f"--{ONNX_FLAGS[next(iter(options))].replace('_', '-')} applies to onnx targets only"
         )
