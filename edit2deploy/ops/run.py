@@ -300,7 +300,7 @@ def _target_result(ex: ExportStage, check, gates: Gates, seconds: dict[str, floa
 
 # ------------------------------------------------------------------ run
 def _log_to_stderr(msg: str) -> None:
-    print(f"edit2deploy: {msg}", file=sys.stderr, flush=True)
+    tqdm.write(f"edit2deploy: {msg}", file=sys.stderr)  # above a progress bar that is drawing, not through it
 
 
 def run(config: RunConfig, log: Log | None = None) -> RunResult:
