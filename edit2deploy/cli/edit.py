@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from ..errors import UsageError
+from ..formats import DEFAULT_PROTECTION
 from .common import add_set, count, positive, print_table
 
 
@@ -61,7 +62,9 @@ def add_edit(sub) -> Callable:
         "unprotected export); facts predicted to flip are re-optimised and the batch re-solved",
     )
     h.add_argument(
-        "--harden-protect-edits", default="q8_0", help="protection the targets will be exported with"
+        "--harden-protect-edits",
+        default=DEFAULT_PROTECTION.value,
+        help="protection the targets will be exported with",
     )
     h.add_argument(
         "--harden-margin", type=float, default=None, help="nats/token the target must win by (default 1.0)"

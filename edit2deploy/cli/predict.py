@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from ..probes import EDITED_KINDS, PRESERVED_KINDS
+from ..formats import DEFAULT_PROTECTION
 from .common import positive, print_table
 
 
@@ -30,7 +30,9 @@ def add_predict(sub) -> Callable:
         help="comma list of FORMAT:TYPE[:PROTECTION] (a bare TYPE names the one format that has it): "
         "Q4_K_M, gguf:Q8_0, onnx:int4, bnb:nf4:none",
     )
-    p.add_argument("--protect-edits", default="q8_0", help="none | q8_0 | f16 (as for export)")
+    p.add_argument(
+        "--protect-edits", default=DEFAULT_PROTECTION.value, help="none | q8_0 | f16 (as for export)"
+    )
     p.add_argument("--patch", default=None, help="gguf: predict a patch export over this base .gguf")
     p.add_argument("--edits", default=None, help="facts to check (default: the model's ledger)")
     p.add_argument("--preserved", default=None, help="extra unedited facts that must keep their answer")
@@ -71,6 +73,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def print_prediction(pred, show_all: bool = False, seconds: float | None = None) -> None:
+    from ..probes import EDITED_KINDS, PRESERVED_KINDS
+
     def m(x: float) -> str:
         return f"{x:+.2f}" if math.isfinite(x) else "-"
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..atomic import atomic_file
 from ..errors import UsageError
-from ..gates import Gates
 
 if TYPE_CHECKING:
+    from ..gates import Gates
     from ..quantsim import QuantScheme
     from ..scoring import Scorer
 
@@ -32,6 +32,11 @@ class Protection(StrEnum):
     NONE = "none"  # quantize the edited tensors like the rest
     Q8_0 = "q8_0"  # at least 8-bit (the default)
     F16 = "f16"  # at least 16-bit float
+
+    @property
+    def bits(self) -> int:
+        """The fewest bits per weight an edited tensor keeps (0: no floor)."""
+        return {"none": 0, "q8_0": 8, "f16": 16}[self.value]
 
     @classmethod
     def parse(cls, value: Protection | str, where: str = "--protect-edits") -> Protection:
@@ -245,6 +250,8 @@ class Format:
 
     def default_gates(self, quant: str) -> Gates:
         """The gates verification applies to this format's `quant` unless the user overrides them."""
+        from ..gates import Gates  # scoring (torch) loads with verification, not with the CLI
+
         return Gates()
 
     # ------------------------------------------------------------ shared behaviour

@@ -6,10 +6,13 @@ import importlib.resources
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..formats import FORMATS, get_format
 from ..requests import EditRequest
-from .results import TargetResult
+
+if TYPE_CHECKING:  # annotations only: the CLI reads this module's constants before any heavy import
+    from .results import TargetResult
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_N_TOKENS = 20_000

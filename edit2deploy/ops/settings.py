@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..formats import PROTECT_CHOICES
 from ..methods import METHODS, EditConfig
 from ..methods.values import ValueHParams
 
@@ -177,7 +178,7 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "heldout": ("a file path (string)", _str),
     "protect_edits": (
         "'none', 'q8_0' or 'f16'",
-        lambda v: isinstance(v, str) and v.lower() in ("none", "q8_0", "f16"),
+        lambda v: isinstance(v, str) and v.lower() in PROTECT_CHOICES,
     ),
     "baseline": ("true or false", lambda v: isinstance(v, bool)),
     "device": ("'cpu' or 'cuda' (string)", _str),

@@ -107,10 +107,8 @@ def _norm_quant(quant: str | None) -> str:
 
 def _protect_floor(policy: ExportPolicy, quant: str) -> int | None:
     """The fewest bits an edited weight may keep (None: the target already meets the floor, or no protection)."""
-    if policy.protect_edits == "none":
-        return None
-    floor = 8 if policy.protect_edits == "q8_0" else 16
-    return floor if _BITS[quant] < floor else None
+    floor = policy.protect_edits.bits
+    return floor if floor and _BITS[quant] < floor else None
 
 
 def module_of(tensor: str) -> str:

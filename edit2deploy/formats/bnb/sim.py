@@ -26,7 +26,6 @@ from edit2deploy.quantsim import TensorQuant
 from ..base import ExportPolicy, edited_tensor_list, target_label
 
 QUANT_BITS = {"int8": 8, "nf4": 4, "fp4": 4}
-_PROTECT_BITS = {"none": 0, "q8_0": 8, "f16": 16}
 NF4_BLOCK = 64
 
 
@@ -47,7 +46,7 @@ def norm_quant(quant: str | None) -> str:
 
 def skipped_modules(quant: str, policy: ExportPolicy, edited: Sequence[str]) -> list[str]:
     """Module names (of edited weights) kept out of quantization because the floor is above `quant`."""
-    if _PROTECT_BITS[policy.protect_edits] <= QUANT_BITS[quant]:
+    if ExportPolicy.coerce(policy).protect_edits.bits <= QUANT_BITS[quant]:
         return []
     return sorted({name.removesuffix(".weight") for name in edited})
 

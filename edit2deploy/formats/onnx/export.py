@@ -73,9 +73,9 @@ def _norm_quant(quant: str | None) -> str:
 
 def _protect_floor(policy: ExportPolicy, quant: str) -> int | None:
     """The fewest bits an edited weight may keep (None: no protection needed at this precision)."""
-    if policy.protect_edits == "none":
+    floor = policy.protect_edits.bits
+    if not floor:
         return None
-    floor = 8 if policy.protect_edits == "q8_0" else 16
     bits = {"int4": 4, "int8": 8}.get(quant)
     return floor if bits is not None and bits < floor else None
 
