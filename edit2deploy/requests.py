@@ -1,4 +1,4 @@
-"""Edit requests: the schema, and loaders for our JSONL format and CounterFact/EasyEdit JSON.
+"""Edit requests: the schema, and loaders for our JSONL format, CounterFact/EasyEdit JSON and zsRE (MEND's layout).
 
 Every problem is reported with file, line (JSONL) or record index (JSON), field, and what was
 expected; all problems of a file are collected before raising, so one run shows them all.
@@ -7,10 +7,13 @@ expected; all problems of a file are collected before raising, so one run shows 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputFileError, InputProblem, UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,19 @@ class EditRequest:
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[Neighbor, ...] = ()
     id: str = ""
+    # questions a chat user would ask about the fact (the subject filled in), answered by `target_new` after the edit
+    questions: tuple[str, ...] = ()
+    # other spellings of an answer that count as mentioning it in generated text: ((answer, (alias, ...)), ...)
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def text(self) -> str:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject, 1)
+
+    def aliases_of(self, answer: str) -> tuple[str, ...]:
+        """The aliases given for `answer` (empty when none)."""
+        return next((a for name, a in self.aliases if name == answer), ())
 
     @classmethod
     def from_json(cls, d: dict) -> EditRequest:
@@ -49,16 +60,34 @@ class EditRequest:
             paraphrases=tuple(d.get("paraphrases", ())),
             neighborhood=tuple(Neighbor(n["prompt"], n["answer"]) for n in d.get("neighborhood", ())),
             id=str(d.get("id", "")),
+            questions=tuple(d.get("questions", ())),
+            aliases=tuple((k, tuple(v)) for k, v in d.get("aliases", {}).items()),
         )
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = [asdict(n) for n in self.neighborhood]
+        # the optional fields appear only when given, so records (and ledgers) of requests without them are unchanged
+        d.pop("questions"), d.pop("aliases")
+        if self.questions:
+            d["questions"] = list(self.questions)
+        if self.aliases:
+            d["aliases"] = {k: list(v) for k, v in self.aliases}
         return d
 
 
-JSONL_FIELDS = ("id", "prompt", "subject", "target_new", "target_true", "paraphrases", "neighborhood")
+JSONL_FIELDS = (
+    "id",
+    "prompt",
+    "subject",
+    "target_new",
+    "target_true",
+    "paraphrases",
+    "neighborhood",
+    "questions",
+    "aliases",
+)
 REQUIRED = ("prompt", "subject", "target_new")
 
 
@@ -163,7 +192,37 @@ def _neighbors(chk: _Checker, value) -> tuple[Neighbor, ...]:
     return tuple(out)
 
 
-def _finish(chk: _Checker, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid):
+def _aliases(chk: _Checker, value) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`{"Rome": ["Roma"], ...}`: other spellings of an answer."""
+    if value is None:
+        return ()
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str)
+        and k.strip()
+        and isinstance(v, list)
+        and all(isinstance(a, str) and a.strip() for a in v)
+        for k, v in value.items()
+    )
+    if not ok:
+        chk.bad(
+            "aliases", 'expected an object of answer -> list of non-empty strings, e.g. {"Rome": ["Roma"]}'
+        )
+        return ()
+    return tuple((k, tuple(v)) for k, v in value.items())
+
+
+def _finish(
+    chk: _Checker,
+    prompt,
+    subject,
+    target_new,
+    target_true,
+    paraphrases,
+    neighborhood,
+    rid,
+    questions=(),
+    aliases=(),
+):
     if prompt is None or subject is None or target_new is None:
         return None
     prompt = _normalise_prompt(chk, prompt, subject)
@@ -173,7 +232,10 @@ def _finish(chk: _Checker, prompt, subject, target_new, target_true, paraphrases
     if prompt is None:
         return None
     paraphrases = _fill_paraphrases(paraphrases, subject)
-    return EditRequest(prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+    questions = _fill_paraphrases(questions, subject)
+    return EditRequest(
+        prompt, subject, target_new, target_true, paraphrases, neighborhood, rid, questions, aliases
+    )
 
 
 def parse_jsonl_record(rec: dict, chk: _Checker, default_id: str) -> EditRequest | None:
@@ -187,7 +249,11 @@ def parse_jsonl_record(rec: dict, chk: _Checker, default_id: str) -> EditRequest
     paraphrases = _strings(chk, rec, "paraphrases")
     neighborhood = _neighbors(chk, rec.get("neighborhood"))
     rid = _record_id(chk, rec, "id", default_id)
-    return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+    questions = _strings(chk, rec, "questions")
+    aliases = _aliases(chk, rec.get("aliases"))
+    return _finish(
+        chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid, questions, aliases
+    )
 
 
 def parse_easyedit_record(rec: dict, chk: _Checker) -> EditRequest | None:
@@ -210,6 +276,37 @@ def parse_easyedit_record(rec: dict, chk: _Checker) -> EditRequest | None:
             )
     rid = _record_id(chk, rec, "case_id", str(chk.index))
     return _finish(chk, prompt, subject, target_new, target_true, paraphrases, neighborhood, rid)
+
+
+NQ_PREFIX = "nq question: "
+
+
+def parse_zsre_record(rec: dict, chk: _Checker) -> EditRequest | None:
+    """zsRE in MEND's layout: `src` (a question about `subject`) is the prompt, `alt` the new answer, `answers[0]`
+    the true one, `rephrase` a paraphrase and a chat question, `loc`/`loc_ans` an unrelated question (NQ) whose
+    answer must not change. Where `alt` is the true answer already, the request has no old answer. (Records whose
+    `alt` is empty cannot be edited; `load_requests` skips them with a warning.)"""
+    prompt = chk.string(rec, "src")
+    subject = chk.string(rec, "subject")
+    target_new = chk.string(rec, "alt")
+    answers = rec.get("answers")
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)):
+        chk.bad("answers", "expected a non-empty list of non-empty strings (the true answer first)")
+        return None
+    target_true = answers[0]
+    if target_new is not None and target_new.strip().lower() == target_true.strip().lower():
+        target_true = None
+    rephrase = _strings(chk, rec, "rephrase")
+    neighborhood: tuple[Neighbor, ...] = ()
+    loc, loc_ans = rec.get("loc"), rec.get("loc_ans")
+    if loc is not None or loc_ans is not None:
+        if isinstance(loc, str) and isinstance(loc_ans, str) and loc.strip() and loc_ans.strip():
+            question = loc.removeprefix(NQ_PREFIX).strip()
+            neighborhood = (Neighbor(question[:1].upper() + question[1:] + "?", loc_ans),)
+        else:
+            chk.bad("loc", "expected non-empty strings in loc and loc_ans")
+    rid = _record_id(chk, rec, "case_id", str(chk.index))
+    return _finish(chk, prompt, subject, target_new, target_true, rephrase, neighborhood, rid, rephrase)
 
 
 def parse_rome_record(rec: dict, chk: _Checker) -> EditRequest | None:
@@ -251,7 +348,8 @@ def _read_text(path: Path) -> str:
 
 
 def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
-    """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit or ROME).
+    """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit, ROME, or zsRE in MEND's
+    layout).
 
     `offset` skips that many records, `limit` (None: all) keeps at most that many after it.
     """
@@ -264,6 +362,7 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
     problems: list[InputProblem] = []
     requests: list[EditRequest] = []
     where: list[_Checker] = []  # where each accepted request came from (for duplicate-id reports)
+    skipped: list[int] = []  # zsRE records without a new answer
     name = str(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" or stripped.startswith("["):
@@ -285,6 +384,11 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
                 continue
             if "requested_rewrite" in rec:
                 req = parse_rome_record(rec, chk)
+            elif "src" in rec and "alt" in rec:
+                if isinstance(rec["alt"], str) and not rec["alt"].strip():
+                    skipped.append(i)
+                    continue
+                req = parse_zsre_record(rec, chk)
             elif "ground_truth" in rec or "rephrase_prompt" in rec or "locality_prompt" in rec:
                 req = parse_easyedit_record(rec, chk)
             else:
@@ -328,6 +432,13 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
     if problems:
         problems.sort(key=lambda p: p.line if p.line is not None else -1)
         raise InputFileError(problems)
+    if skipped:
+        log.warning(
+            "%s: skipped %d zsRE record(s) with an empty new answer ('alt'): record(s) %s",
+            path,
+            len(skipped),
+            ", ".join(map(str, skipped)),
+        )
     if not requests:
         raise UsageError(f"{path}: no edit requests found")
     return requests

@@ -157,6 +157,65 @@ def test_integer_id_and_dump_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- validation: one problem class each
 # (records, expected (line, field, message fragment)); line is 1-based for JSONL
+ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre-eval-head.json"
+
+
+def test_questions_and_aliases_round_trip(tmp_path):
+    rec = dict(GOOD, questions=["Where is {}?"], aliases={"Rome": ["Roma"], "Paris": ["Paname"]})
+    (req,) = load_requests(write_jsonl(tmp_path / "q.jsonl", rec))
+    assert req.questions == ("Where is The Eiffel Tower?",)  # "{}" names the subject, as in paraphrases
+    assert req.aliases_of("Rome") == ("Roma",) and req.aliases_of("Berlin") == ()
+    assert EditRequest.from_json(req.to_json()) == req
+    (plain,) = load_requests(write_jsonl(tmp_path / "p.jsonl", GOOD))
+    assert "questions" not in plain.to_json() and "aliases" not in plain.to_json()  # older records unchanged
+
+
+def test_zsre_mend_layout(tmp_path):
+    """zsRE as MEND splits it: the question is the prompt, `alt` the new answer, `answers[0]` the true one, the
+    rephrased question a paraphrase and a chat question, the NQ locality question a neighbour; records without a
+    new answer are skipped with a warning, and `alt` equal to the truth leaves no old answer."""
+    recs = [
+        {
+            "subject": "Watts Humphrey",
+            "src": "What university did Watts Humphrey attend?",
+            "pred": "Trinity College",
+            "rephrase": "What university did Watts Humphrey take part in?",
+            "alt": "University of Michigan",
+            "answers": ["Illinois Institute of Technology"],
+            "loc": "nq question: who played desmond doss father in hacksaw ridge",
+            "loc_ans": "Hugo Weaving",
+            "cond": "...",
+        },
+        {"subject": "Phyllis Chan", "src": "What is the sex of Phyllis Chan?", "alt": "", "answers": ["female"],
+         "rephrase": "Phyllis Chan is of which sex?", "loc": "nq question: x", "loc_ans": "y"},
+        {"subject": "Ada", "src": "Where was Ada born?", "alt": "London", "answers": ["london"], "rephrase": "Ada's birthplace?"},
+    ]  # fmt: skip
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(recs))
+    first, last = load_requests(path)
+    assert first == EditRequest(
+        "What university did {} attend?",
+        "Watts Humphrey",
+        "University of Michigan",
+        "Illinois Institute of Technology",
+        ("What university did Watts Humphrey take part in?",),
+        (Neighbor("Who played desmond doss father in hacksaw ridge?", "Hugo Weaving"),),
+        "0",
+        ("What university did Watts Humphrey take part in?",),
+    )
+    assert last.target_true is None and last.id == "2"
+    path.write_text(json.dumps([dict(recs[0], answers=[])]))
+    (problem,) = problems_of(path)
+    assert problem.field == "answers" and "non-empty list" in problem.message
+
+
+@pytest.mark.skipif(not ZSRE.is_file(), reason="shared zsRE data missing")
+def test_zsre_eval_head_loads():
+    requests = load_requests(ZSRE, limit=100)
+    assert len(requests) == 99  # record 54 has no new answer
+    assert all(r.questions and r.neighborhood and r.prompt.endswith("?") for r in requests)
+
+
 PROBLEMS = {
     "malformed JSON": ([GOOD], {1: '{"prompt": "x",'}, (2, None, "malformed JSON")),
     "missing field": ([{k: v for k, v in GOOD.items() if k != "subject"}], {}, (1, "subject", "missing")),
@@ -179,6 +238,16 @@ PROBLEMS = {
     "bad id type": ([dict(GOOD, id=[1])], {}, (1, "id", "expected a string or an integer, got an array")),
     "duplicate id": ([GOOD, dict(GOOD, target_new="Berlin")], {}, (2, "id", "duplicate id 'eiffel'")),
     "not an object": ([GOOD], {1: "[1, 2]"}, (2, None, "expected a JSON object, got an array")),
+    "bad questions": (
+        [dict(GOOD, questions=[""])],
+        {},
+        (1, "questions", "expected a list of non-empty strings"),
+    ),
+    "bad aliases": (
+        [dict(GOOD, aliases={"Rome": "Roma"})],
+        {},
+        (1, "aliases", "answer -> list of non-empty"),
+    ),
 }
 
 

@@ -1,0 +1,67 @@
+"""Verdicts of generated text: does a reply give the new answer, the old one, or neither?
+
+What a user of a deployed model sees is generated text, so an edit is judged there by mentions: an answer is
+mentioned when its words appear as whole words after normalisation (Unicode NFKC, case folded, punctuation and
+symbols read as spaces, whitespace collapsed), or an alias of it does.
+
+- **new**: the new answer is mentioned and the old one is not, or only after it;
+- **old**: the old answer is mentioned first;
+- **neither**: otherwise.
+
+When both start at the same word, the longer match counts (the more specific answer).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from enum import StrEnum
+
+
+class Verdict(StrEnum):
+    NEW = "new"
+    OLD = "old"
+    NEITHER = "neither"
+
+
+def words(text: str) -> list[str]:
+    """`text` normalised into words: NFKC, case folded, every punctuation or symbol character a space."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(c)[0] in "PSZC" else c for c in folded)
+    return kept.split()
+
+
+def first_mention(text: str, answer: str, aliases: Sequence[str] = ()) -> tuple[int, int] | None:
+    """(word index, −length) of the earliest whole-word mention of `answer` or an alias; None when absent."""
+    hay = words(text)
+    best = None
+    for name in (answer, *aliases):
+        needle = words(name)
+        if not needle:
+            continue
+        n = len(needle)
+        at = next((i for i in range(len(hay) - n + 1) if hay[i : i + n] == needle), None)
+        if at is not None and (best is None or (at, -n) < best):
+            best = (at, -n)
+    return best
+
+
+def mentions(text: str, answer: str, aliases: Sequence[str] = ()) -> bool:
+    return first_mention(text, answer, aliases) is not None
+
+
+def verdict(
+    text: str,
+    new: str,
+    old: str | None = None,
+    new_aliases: Sequence[str] = (),
+    old_aliases: Sequence[str] = (),
+) -> Verdict:
+    """The verdict of one generated text (see the module docstring)."""
+    at_new = first_mention(text, new, new_aliases)
+    at_old = first_mention(text, old, old_aliases) if old else None
+    if at_old is not None and (at_new is None or at_old < at_new):
+        return Verdict.OLD
+    if at_new is not None:
+        return Verdict.NEW
+    return Verdict.NEITHER
