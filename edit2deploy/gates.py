@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .generation import GenerationCheck
 from .probes import EDITED_KINDS, PRESERVED_KINDS, RATE_KINDS, Probe, ProbeResult, probes_for, run_probes
 from .requests import EditRequest
 from .scoring import Scorer
@@ -32,6 +33,11 @@ class Gates:
     relative_margin: float | None = None
     # max percent the artifact's held-out perplexity may exceed its paired baseline's (off by default)
     perplexity_increase: float | None = None
+    # generated text (generation.py). Off by default until chat-aware editing makes them passable; the report
+    # shows the generated rates either way. min share (0-1) of edited facts whose chat reply to the edit prompt
+    # gives the new answer in the artifact:
+    chat_efficacy: float | None = None
+    generation_survival: float | None = None  # min share (0-1) of generated verdicts equal to fp32's
 
     @classmethod
     def parse(cls, items: Sequence[str], base: Gates | None = None) -> Gates:
@@ -87,6 +93,67 @@ def perplexity_gate(limit: float, art: Perplexity | None, base: Perplexity | Non
         inc <= limit,
         f"perplexity {art.value:.2f} vs paired baseline {base.value:.2f}: {inc:+.1f}% (allowed ≤ {limit}%)",
     )
+
+
+def generation_gates(gates: Gates, check: GenerationCheck | None) -> list[GateResult]:
+    """The gates on generated text (`chat_efficacy`, `generation_survival`), where set."""
+    out = []
+    if gates.chat_efficacy is not None:
+        rate = None if check is None else check.rates.get("artifact", {}).get("chat_prompt_new")
+        value = None if rate is None else rate / 100
+        failing = (
+            []
+            if check is None
+            else [
+                f"chat:{r.probe.request_id}: {r.probe.text}"
+                for r in check.rows
+                if r.probe.kind == "chat" and r.probe.source == "prompt" and r.by["artifact"].verdict != "new"
+            ]
+        )
+        detail = (
+            "no chat replies (no generation, or no chat template)"
+            if value is None
+            else (
+                f"chat replies to the edit prompt giving the new answer: {value:.3f} (need ≥ {gates.chat_efficacy})"
+            )
+        )
+        out.append(
+            GateResult(
+                "chat_efficacy",
+                value,
+                gates.chat_efficacy,
+                value is not None and value >= gates.chat_efficacy,
+                detail,
+                failing,
+            )
+        )
+    if gates.generation_survival is not None:
+        value = None if check is None else check.survival
+        failing = (
+            []
+            if check is None
+            else [
+                f"{r.probe.kind}:{r.probe.request_id}: {r.probe.text}"
+                for r in check.rows
+                if r.survived is False
+            ]
+        )
+        detail = (
+            "no generated verdicts to compare"
+            if value is None
+            else (f"generated verdicts equal to fp32: {value:.3f} (need ≥ {gates.generation_survival})")
+        )
+        out.append(
+            GateResult(
+                "generation_survival",
+                value,
+                gates.generation_survival,
+                value is not None and value >= gates.generation_survival,
+                detail,
+                failing,
+            )
+        )
+    return out
 
 
 def preserved_probes(requests: Sequence[EditRequest]) -> list[Probe]:
@@ -145,6 +212,7 @@ class Verification:
     survival: dict[str, float | None]  # all / edited / preserved (0-1)
     baseline_agreement: float | None  # paired baseline vs unedited fp32, preserved probes (0-1)
     gates: list[GateResult]
+    generation: GenerationCheck | None = None  # generated text in every place (None: not generated)
 
     @property
     def passed(self) -> bool:
@@ -158,6 +226,7 @@ class Verification:
             "baseline_agreement": self.baseline_agreement,
             "gates": [asdict(g) for g in self.gates],
             "facts": [r.to_json() for r in self.rows],
+            "generation": None if self.generation is None else self.generation.to_json(),
         }
 
 

@@ -207,6 +207,33 @@ class TorchScorer:
                 )
         return out  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+        device = next(self.model.parameters()).device
+        x = torch.tensor([list(ids)], device=device)
+        out = self.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+        )
+        return self.tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy plain-text continuation (the prompt with the tokenizer's own special tokens, as scored)."""
+        return self._greedy(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], max_new_tokens)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+        """Greedy reply through the tokenizer's chat template (`apply_chat_template`); None without one."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._greedy(self.tokenizer(text, add_special_tokens=False)["input_ids"], max_new_tokens)
+
 
 def prob(logprob: float) -> float:
     return math.exp(logprob)

@@ -627,7 +627,7 @@ def test_exported_gguf_chats(g_edited_exports):
     art = g_edited_exports("Q8_0")
     with GGUF.scorer(art) as sc:
         assert sc.llm.chat_format == "chat_template.default"
-        answer = sc.chat([{"role": "user", "content": "Name the capital of France."}], max_tokens=32)
+        answer = sc.chat([{"role": "user", "content": "Name the capital of France."}], max_new_tokens=32)
     print("chat:", answer)
     assert len(answer.split()) >= 3 and "Paris" in answer and "<|im" not in answer
 

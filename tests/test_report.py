@@ -22,6 +22,7 @@ from edit2deploy.errors import UsageError
 from edit2deploy.formats import FORMATS, Artifact, Protection, Target, parse_targets
 from edit2deploy.formats.gguf.modelfile import CHATML_GO_TEMPLATE, chatml_default_system, modelfile_text
 from edit2deploy.gates import Gates, Perplexity
+from edit2deploy.generation import check_generation
 from edit2deploy.ops.report import build_report
 from edit2deploy.ops.results import RunResult, TargetResult
 from edit2deploy.ops.scores import CachedScorer, HeldOut, heldout_pairs, load_heldout
@@ -56,6 +57,19 @@ def _result(i: int, kind: str, success: bool, margin: float) -> ProbeResult:
     return ProbeResult(
         probe, lp_expected=-1.0, lp_other=-1.0 - margin, greedy_expected=success, top1_id=1, top1="a"
     )
+
+
+class _Says:
+    """A text generator that always says the same thing (the report is under test, not a runtime)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        return self.text
+
+    def chat(self, messages, max_new_tokens: int) -> str:
+        return self.text
 
 
 def synthetic_run(out: Path, n: int = 12, passed: bool = True) -> RunResult:
@@ -95,6 +109,7 @@ def synthetic_run(out: Path, n: int = 12, passed: bool = True) -> RunResult:
             0.98,
             gates,
         )
+        ver.generation = check_generation(requests, {"fp32": _Says("S1 is in new"), "artifact": _Says("old")})
         art = Artifact(
             out / "artifacts" / FORMATS[t.format].artifact_name(t),
             "gguf",
@@ -176,7 +191,10 @@ def test_report_json_validates_against_the_shipped_schema(tmp_path):
     schema = load_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.Draft202012Validator(schema).validate(doc)
-    assert doc["schema_version"] == 1 and doc["passed"] is True
+    assert doc["schema_version"] == 2 and doc["passed"] is True
+    gen = doc["targets"][0]["generation"]
+    assert gen["rates"]["fp32"]["chat_new"] == 100.0 and gen["rates"]["artifact"]["chat_old"] == 100.0
+    assert gen["survival"] == 0.0 and gen["facts"][0]["text_artifact"] == "old"
     assert [t["target"] for t in doc["targets"]] == ["gguf:Q4_K_M", "gguf:Q8_0"]
     assert doc["targets"][0]["artifact"]["path"] == "artifacts/model-Q4_K_M.gguf"  # relative to out
     assert doc["ledger"]["batches"][1]["requests"] == [f"r{i}" for i in range(6, 12)]

@@ -123,6 +123,11 @@ def add_verify(sub) -> Callable:
         "'off' disables); repeatable",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baseline export")
+    p.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="do not judge generated text (completions and chat replies); teacher-forced checks only",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 references)")
     p.add_argument("--report", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true")
@@ -135,6 +140,7 @@ def _stderr(msg: str) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..atomic import atomic_file
+    from ..generation import DEFAULT_GENERATION
     from ..ops.verify import verify
 
     res = verify(
@@ -148,6 +154,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         preserved_n=args.preserved_n,
         device=args.device,
         log=_stderr,
+        generation=None if args.no_generation else DEFAULT_GENERATION,
     )
     doc = {"model": str(args.model), **res.to_json()}
     if args.report:

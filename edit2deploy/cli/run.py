@@ -75,6 +75,11 @@ def add_run(sub) -> Callable:
         help="text file for the perplexity probe (default: a public-domain passage shipped in the package)",
     )
     p.add_argument("--protect-edits", default=None, help="none | q8_0 | f16 (default q8_0)")
+    p.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="do not judge generated text (completions and chat replies); teacher-forced checks only",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baselines")
     p.add_argument(
         "--harden",
@@ -97,6 +102,8 @@ def run_settings(args: argparse.Namespace) -> dict:
         settings["baseline"] = False
     if args.harden:
         settings["harden"] = True
+    if args.no_generation:
+        settings["generation"] = False
     gates = settings.get("gates", [])
     if isinstance(gates, dict):
         gates = [f"{k}={'off' if v is False else v}" for k, v in gates.items()]

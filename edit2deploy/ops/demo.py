@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..formats import FORMATS, get_format
+from ..formats import FORMATS
 from ..requests import EditRequest
 
 if TYPE_CHECKING:  # annotations only: the CLI reads this module's constants before any heavy import
@@ -34,35 +34,31 @@ def demo_targets() -> tuple[list[str], str | None]:
     return [*targets, "onnx:int8"], None
 
 
-def demo_chat(target: TargetResult, requests: Sequence[EditRequest], max_tokens: int = 24) -> list[str]:
-    """A short chat in llama.cpp (the GGUF's own chat template, greedy) with the edited GGUF and its unedited paired
-    baseline: the user sends an edited fact's prompt. Shows the first fact whose new answer carries over into the
-    chat, and says how many do (every fact is scored in the report either way)."""
-    exporter = get_format("gguf")
-    edited = exporter.scorer(target.artifact)
-    try:
-        replies = [
-            (r, edited.chat([{"role": "user", "content": r.text}], max_tokens=max_tokens)) for r in requests
-        ]
-    finally:
-        edited.close()
-    shown = [(r, a) for r, a in replies if r.target_new.lower() in a.lower()]
-    request, reply = (shown or replies)[0]
+def demo_chat(target: TargetResult, requests: Sequence[EditRequest]) -> list[str]:
+    """The chat that verify held with the edited GGUF in llama.cpp (the GGUF's own chat template, greedy) and with
+    its unedited paired baseline: the user sends an edited fact's prompt. Shows the first fact whose reply gives the
+    new answer (verdict 'new'), and says how many do; the report lists every reply."""
+    gen = target.verification.generation
+    rows = (
+        [] if gen is None else [r for r in gen.rows if r.probe.kind == "chat" and r.probe.source == "prompt"]
+    )
+    name = target.artifact.path.name
+    if not rows or rows[0].by["artifact"].text is None:
+        return [f"chat in llama.cpp with {name}: no chat replies (generation off, or no chat template)"]
+    shown = [r for r in rows if r.by["artifact"].verdict == "new"]
+    row = (shown or rows)[0]
     lines = [
-        f"chat in llama.cpp with {target.artifact.path.name} (greedy, the model's chat template):",
-        f"  user: {request.text}",
-        f"  assistant (edited): {_one_line(reply)}",
+        f"chat in llama.cpp with {name} (greedy, the model's chat template):",
+        f"  user: {row.probe.text}",
+        f"  assistant (edited): {_one_line(row.by['artifact'].text)}",
     ]
-    if target.baseline is not None:
-        base = exporter.scorer(target.baseline)
-        try:
-            before = base.chat([{"role": "user", "content": request.text}], max_tokens=max_tokens)
-        finally:
-            base.close()
-        lines.append(f"  assistant (unedited, same {target.target.quant} export): {_one_line(before)}")
+    if "baseline" in row.by:
+        lines.append(
+            f"  assistant (unedited, same {target.target.quant} export): {_one_line(row.by['baseline'].text or '')}"
+        )
     lines.append(
-        f"({len(shown)} of {len(requests)} edited facts show their new answer in this free-form chat; "
-        "the report scores all of them)"
+        f"({len(shown)} of {len(rows)} edited facts give their new answer in this chat (verdict 'new'); "
+        "report.html lists every reply)"
     )
     return lines
 

@@ -124,6 +124,7 @@ def _target_json(t: TargetResult, root: Path, fp32: Perplexity | None, base_fp32
             else pb.value - base_fp32.value,
         },
         "facts": [r.to_json() for r in v.rows],
+        "generation": None if v.generation is None else v.generation.to_json(),
         "seconds": dict(t.seconds),
     }
 

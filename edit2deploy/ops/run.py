@@ -42,6 +42,7 @@ from ..atomic import clean_stale_temps
 from ..errors import Edit2DeployError, UsageError
 from ..formats import DEFAULT_PROTECTION, Protection, Target, get_format, parse_targets
 from ..gates import Gates, perplexity
+from ..generation import DEFAULT_GENERATION
 from ..ledger import Ledger
 from ..methods import EditConfig
 from ..methods.harden import HardenConfig
@@ -90,6 +91,7 @@ class RunConfig:
     quiet: bool = False
     reports: bool = True
     harden: bool | HardenConfig = False
+    generation: bool = True  # also judge generated text: completions and chat replies (generation.py)
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def verify_stage(inp: RunInputs, edit: EditStage, exports: Sequence[ExportStage]
                 inp.preserved,
                 inp.heldout,
                 cache_key={"target": str(ex.target), "base": edit.base_fingerprint},
+                generation=DEFAULT_GENERATION if inp.config.generation else None,
             )
             secs = {**ex.seconds, "verify": time.perf_counter() - t0}
             results.append(_target_result(ex, check, inp.gates[ex.target], secs))

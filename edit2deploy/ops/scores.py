@@ -18,7 +18,7 @@ from ..models import cache_root, open_model
 from ..scoring import Scored, Scorer, TorchScorer
 
 HELDOUT_RESOURCE = "data/heldout.txt"
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: generated texts remembered too
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -68,8 +68,9 @@ def load_heldout(path: str | Path | None = None) -> HeldOut:
 
 
 class CachedScorer:
-    """A `Scorer` that remembers scores per (prompt, continuation), optionally on disk, and opens the real scorer
-    (`factory()`) only when something is not remembered yet.
+    """A `Scorer` (and `TextGenerator`) that remembers scores per (prompt, continuation) and generated texts per
+    (prompt or conversation, length), optionally on disk, and opens the real scorer (`factory()`) only when
+    something is not remembered yet.
 
     The fp32 references are scored once however many targets compare against them, and a rerun whose models and
     artifacts did not change scores nothing at all. `key` names what is being scored (weights fingerprint, or an
@@ -84,6 +85,7 @@ class CachedScorer:
         self.store = store
         self.key = jsonable(key or {})
         self._memo: dict[tuple[str, str], Scored] = {}
+        self._texts: dict[str, str | None] = {}  # json [kind, prompt or messages, max_new_tokens] -> text
         self._dirty = False
         self.hits = self.misses = 0
         if store is not None:
@@ -111,8 +113,24 @@ class CachedScorer:
             self._dirty = True
         return [self._memo[tuple(p)] for p in pairs]
 
-    def _load(self) -> None:
+    def _generated(self, key: list, make: Callable[[], str | None]) -> str | None:
+        k = json.dumps(key)
+        if k not in self._texts:
+            self._texts[k] = make()
+            self._dirty = True
+        return self._texts[k]
 
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        return self._generated(
+            ["complete", prompt, max_new_tokens], lambda: self.inner.complete(prompt, max_new_tokens)
+        )
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+        return self._generated(
+            ["chat", messages, max_new_tokens], lambda: self.inner.chat(messages, max_new_tokens)
+        )
+
+    def _load(self) -> None:
         try:
             doc = json.loads(self.store.read_text())
             if doc.get("version") != SCORES_VERSION or doc.get("key") != self.key:
@@ -124,13 +142,14 @@ class CachedScorer:
                     tuple(s["logprobs"]),
                     tuple(s["greedy_ids"]),
                 )
+            self._texts.update({k: v for k, v in doc["texts"]})
         except (OSError, ValueError, KeyError, TypeError):
             self._memo.clear()  # missing or damaged: score again
+            self._texts.clear()
 
     def save(self) -> None:
         if self.store is None or not self._dirty:
             return
-
         doc = {
             "version": SCORES_VERSION,
             "key": self.key,
@@ -147,6 +166,7 @@ class CachedScorer:
                 ]
                 for (p, c), s in self._memo.items()
             ],
+            "texts": [[k, v] for k, v in self._texts.items()],
         }
         with atomic_file(self.store, "w") as fh:
             json.dump(doc, fh)

@@ -183,6 +183,7 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "baseline": ("true or false", lambda v: isinstance(v, bool)),
     "device": ("'cpu' or 'cuda' (string)", _str),
     "harden": ("true or false", lambda v: isinstance(v, bool)),
+    "generation": ("true or false", lambda v: isinstance(v, bool)),
 }
 PATH_FIELDS = ("edits", "out", "corpus", "preserved", "heldout")
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import FORMATS, Artifact, Format, detect_format
-from ..gates import Gates, Perplexity, Verification, perplexity, perplexity_gate
+from ..gates import Gates, Perplexity, Verification, generation_gates, perplexity, perplexity_gate
 from ..gates import verify as score_and_gate
+from ..generation import DEFAULT_GENERATION, GenerationSettings, check_generation
 from ..ledger import Ledger
 from ..models import resolve_model_dir
 from ..requests import EditRequest, load_requests
@@ -66,9 +67,11 @@ def check_artifact(
     preserved: Sequence[EditRequest] = (),
     heldout: HeldOut | None = None,
     cache_key: dict | None = None,
+    generation: GenerationSettings | None = DEFAULT_GENERATION,
 ) -> ArtifactCheck:
-    """Score the fact suite in the artifact's runtime (and its paired baseline's) against the references, apply
-    the gates, and measure held-out perplexity when `heldout` is given or the perplexity gate is on.
+    """Score the fact suite in the artifact's runtime (and its paired baseline's) against the references, run the
+    generation probes in all four places (unless `generation` is None), apply the gates, and measure held-out
+    perplexity when `heldout` is given or the perplexity gate is on.
 
     `cache_key`: remember the artifact's scores on disk under this key plus the files' identity (`run` does;
     a rerun with unchanged artifacts then opens no runtime)."""
@@ -82,6 +85,14 @@ def check_artifact(
         ver = score_and_gate(
             requests, reference, scorer, base_reference, base_scorer, preserved, gates, decode
         )
+        if generation is not None:
+            places = {"fp32": reference, "artifact": scorer}
+            if base_reference is not None:
+                places["base_fp32"] = base_reference
+            if base_scorer is not None:
+                places["baseline"] = base_scorer
+            ver.generation = check_generation(requests, places, generation)
+        ver.gates.extend(generation_gates(gates, ver.generation))
         if heldout is None and gates.perplexity_increase is not None:
             heldout = load_heldout()
         art_ppl = base_ppl = None
@@ -187,6 +198,7 @@ def verify(
     preserved_n: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] = lambda m: None,
+    generation: GenerationSettings | None = DEFAULT_GENERATION,
 ) -> VerifyResult:
     """Score the fact suite in the artifact's own runtime against the fp32 `model` it was exported from, the
     unedited model and the paired baseline (exported and cached on first use); apply the gates.
@@ -209,7 +221,9 @@ def verify(
             base_art, _ = paired_baseline(fmt, art, base_dir, ledger.state["base_fingerprint"], log)
     decode = AutoTokenizer.from_pretrained(model_dir).decode
     try:
-        check = check_artifact(fmt, art, requests, reference, base_reference, base_art, g, decode, extra)
+        check = check_artifact(
+            fmt, art, requests, reference, base_reference, base_art, g, decode, extra, generation=generation
+        )
     finally:
         reference.close()
         if base_reference is not None:

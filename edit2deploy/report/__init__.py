@@ -16,7 +16,7 @@ from .html import render_html
 from .markdown import render_markdown
 from .text import SUMMARY_HEADERS, summary_rows
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: targets[].generation
 SCHEMA_RESOURCE = "report_schema.json"
 
 

@@ -7,7 +7,19 @@ from typing import Any
 
 from ..probes import EDITED_KINDS
 from .svg import EDITED_COLOUR, PRESERVED_COLOUR, bars_svg, hbars_svg, scatter_svg
-from .text import SUMMARY_HEADERS, _e, _norm_series, _num, _ppl_value, _short_tensor, _signed, summary_rows
+from .text import (
+    GEN_HEADERS,
+    GEN_TEXT_HEADERS,
+    SUMMARY_HEADERS,
+    _e,
+    _norm_series,
+    _num,
+    _ppl_value,
+    _short_tensor,
+    _signed,
+    generation_tables,
+    summary_rows,
+)
 
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px 32px;color:#1b1f24;background:#fff}
@@ -75,8 +87,11 @@ def render_html(doc: dict) -> str:
         (
             "<p class='meta'>Rates in %: edit/paraphrase = the new target beats the old answer; neighbourhood = the old "
             "answer is kept. Survival = share of fact verdicts in the artifact equal to the fp32 edited model's. "
-            "Δppl = artifact perplexity − fp32 edited perplexity.</p>"
+            "Δppl = artifact perplexity − fp32 edited perplexity. Completion / chat: generated text (greedy) that "
+            "gives the new answer: the prompt continued, and the prompt as a chat message through the model's "
+            "own template.</p>"
         ),
+        *_generation_html(doc),
         "<h2 id='margins'>Margins: fp32 vs deployed</h2>",
         (
             f"<p class='meta'>Each point is one fact: margin = log p(expected) − log p(other), mean per token. "
@@ -224,3 +239,19 @@ def render_html(doc: dict) -> str:
     body.append(_html_table(list(doc["timings"]), [[_num(v, ".1f") for v in doc["timings"].values()]]))
     body.append("</body></html>\n")
     return "".join(body)
+
+
+def _generation_html(doc: dict) -> list[str]:
+    """Teacher-forced and generated rates side by side, and each edited fact's generated text in the artifact."""
+    g = generation_tables(doc)
+    if g is None:
+        return []
+    notes = "".join(f"<p class='meta'>{_e(n)}</p>" for n in g.notes)
+    return [
+        "<h2 id='generated'>Generated answers: teacher-forced (TF) vs generated</h2>",
+        _html_table(GEN_HEADERS, g.rates),
+        notes,
+        "<details><summary>Each edited fact's generated text in the artifact</summary>",
+        _html_table(GEN_TEXT_HEADERS, g.texts),
+        "</details>",
+    ]

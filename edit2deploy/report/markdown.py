@@ -5,7 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .text import SUMMARY_HEADERS, _norm_series, _num, _ppl_value, _short_tensor, _signed, summary_rows
+from .text import (
+    GEN_HEADERS,
+    GEN_TEXT_HEADERS,
+    SUMMARY_HEADERS,
+    _norm_series,
+    _num,
+    _ppl_value,
+    _short_tensor,
+    _signed,
+    generation_tables,
+    summary_rows,
+)
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -32,10 +43,14 @@ def render_markdown(doc: dict) -> str:
         _md_table(SUMMARY_HEADERS, summary_rows(doc)),
         "",
         (
-            "Rates are success percentages (edit/paraphrase: the new target beats the old answer; neighbourhood: the old "
-            "answer is kept). Survival = share of fact verdicts in the artifact equal to the fp32 edited model's."
+            "Rates are success percentages. Teacher-forced (efficacy, paraphrase, neighbourhood): the new target "
+            "beats the old answer after the exact prompt; neighbourhood: the old answer is kept. Generated "
+            "(completion, chat): greedy text that mentions the new answer before (or without) the old one — the "
+            "prompt continued, and the prompt sent as a chat message through the model's own template. Survival = "
+            "share of fact verdicts in the artifact equal to the fp32 edited model's."
         ),
         "",
+        *_generation_md(doc),
         "## Gates",
         "",
     ]
@@ -149,3 +164,20 @@ def _ledger_md(doc: dict) -> str:
         + "\n\n"
         + _md_table(["batch", "status", "time", "method", "requests", "seconds", "‖ΔW‖_F"], rows)
     )
+
+
+def _generation_md(doc: dict) -> list[str]:
+    """Teacher-forced and generated rates side by side, per target and place, and each fact's generated text."""
+    g = generation_tables(doc)
+    if g is None:
+        return []
+    out = ["## Generated answers", "", _md_table(GEN_HEADERS, g.rates), ""]
+    out += [f"- {n}" for n in g.notes] + ([""] if g.notes else [])
+    texts = [[c.replace("|", "/") for c in row] for row in g.texts]
+    out += [
+        "Each edited fact's generated text in the artifact (first 120 characters):",
+        "",
+        _md_table(GEN_TEXT_HEADERS, texts),
+        "",
+    ]
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -39,6 +40,8 @@ SUMMARY_HEADERS = (
     "efficacy",
     "paraphrase",
     "neighbourhood",
+    "completion",  # generated: the new answer in the prompt's greedy continuation
+    "chat",  # generated: the new answer in the chat reply to the prompt
     "survival",
     "edited surv.",
     "ppl",
@@ -54,6 +57,7 @@ def summary_rows(doc: dict) -> list[list[str]]:
         a = t["rates"].get("artifact", {})
         f = t["rates"].get("fp32", {})
         failed = [g["name"] for g in t["gates"] if not g["passed"]]
+        gen = (t.get("generation") or {}).get("rates", {}).get("artifact", {})
         rows.append(
             [
                 t["target"],
@@ -62,6 +66,8 @@ def summary_rows(doc: dict) -> list[list[str]]:
                 f"{_pct(a.get('edit'))} (fp32 {_pct(f.get('edit'))})",
                 _pct(a.get("paraphrase")),
                 _pct(a.get("neighborhood")),
+                _pct(gen.get("completion_new")),
+                _pct(gen.get("chat_prompt_new")),
                 _frac(t["survival"].get("all")),
                 _frac(t["survival"].get("edited")),
                 _num(_ppl_value(t["perplexity"]["artifact"])),
@@ -95,3 +101,47 @@ def _short_tensor(name: str) -> str:
 
 def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
+
+
+GEN_RATES = ("completion_new", "chat_prompt_new", "chat_new", "chat_old", "neighborhood_kept")
+GEN_HEADERS = (
+    "target",
+    "place",
+    "efficacy (TF)",
+    "paraphrase (TF)",
+    "completion new",
+    "chat (prompt) new",
+    "chat new",
+    "chat old",
+    "neighbourhood kept",
+)
+GEN_TEXT_HEADERS = ("target", "id", "kind", "asked", "new answer", "fp32", "artifact", "artifact's text")
+
+
+@dataclass
+class GenerationTables:
+    rates: list[list[str]]  # GEN_HEADERS rows: teacher-forced (TF) and generated rates side by side
+    texts: list[list[str]]  # GEN_TEXT_HEADERS rows: each edited fact's generated text in the artifact
+    notes: list[str]
+
+
+def generation_tables(doc: dict) -> GenerationTables | None:
+    """The generated-answers tables of a report (None when no target generated text)."""
+    rates, texts, notes = [], [], []
+    for t in doc["targets"]:
+        gen = t.get("generation")
+        if not gen:
+            continue
+        for place, r in gen["rates"].items():
+            tf = t["rates"].get(place, {})
+            rates.append(
+                [t["target"], place, _pct(tf.get("edit")), _pct(tf.get("paraphrase"))]
+                + [_pct(r.get(k)) for k in GEN_RATES]
+            )
+        notes += [f"{t['target']}: {n}" for n in gen["notes"]]
+        for f in gen["facts"]:
+            if f["kind"] != "neighborhood":
+                verdicts = [f["verdict_fp32"] or "-", f["verdict_artifact"] or "-"]
+                asked = [t["target"], f["request_id"], f["kind"], f["text"][:60], f["expected"]]
+                texts.append(asked + verdicts + [" ".join((f["text_artifact"] or "").split())])
+    return GenerationTables(rates, texts, notes) if rates else None

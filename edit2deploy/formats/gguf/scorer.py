@@ -236,10 +236,17 @@ class LlamaCppScorer:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def chat(self, messages: list[dict[str, str]], max_tokens: int = 48) -> str:
-        """Greedy chat completion with the GGUF's own chat template."""
-        self._ensure_ctx(256 + max_tokens)
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy plain-text continuation of `prompt` (with the GGUF's BOS rule, as scored)."""
+        ids = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        return self.detokenize(self.greedy(ids, max_new_tokens))
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 48) -> str | None:
+        """Greedy chat completion with the GGUF's own chat template (`tokenizer.chat_template`); None without one."""
+        if not self.llm.metadata.get("tokenizer.chat_template"):
+            return None
+        self._ensure_ctx(256 + max_new_tokens)
         res = self._llm.create_chat_completion(
-            messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0
+            messages=messages, max_tokens=max_new_tokens, temperature=0.0, seed=0
         )
         return res["choices"][0]["message"]["content"] or ""

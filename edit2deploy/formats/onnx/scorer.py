@@ -98,6 +98,16 @@ def genai_config(model_dir: Path | str, provider: str = "cpu", threads: int | No
     return cfg
 
 
+def chat_template(model_dir: Path) -> str | None:
+    """The Jinja chat template a model directory ships (`chat_template.jinja`, or `tokenizer_config.json`'s)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) and template.strip() else None
+
+
 class GenAIScorer:
     """Scores an onnxruntime-genai model directory (the model builder's output)."""
 
@@ -149,6 +159,34 @@ class GenAIScorer:
         gen = self._generator(len(ids) + 1)
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         return np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(len(ids), -1)
+
+    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+        gen = self._generator(len(ids) + max_new_tokens)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        out: list[int] = []
+        while len(out) < max_new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        eos = {int(t) for t in np.atleast_1d(self.tokenizer.eos_token_ids)}
+        return self.decode([t for t in out if t not in eos])
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy plain-text continuation (the prompt encoded as scored)."""
+        ids = self.encode(prompt)
+        if self.prompt_prefix and ids[: len(self.prompt_prefix)] != self.prompt_prefix:
+            ids = self.prompt_prefix + ids
+        return self._greedy(ids, max_new_tokens)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+        """Greedy reply through the chat template onnxruntime-genai reads from the model directory; None when the
+        directory's tokenizer has none."""
+        template = chat_template(self.model_dir)
+        if template is None:
+            return None
+        text = self.tokenizer.apply_chat_template(
+            json.dumps(messages), template_str=template, add_generation_prompt=True
+        )
+        return self._greedy(self.encode(text), max_new_tokens)
 
     def _generator(self, max_length: int):
         params = self.og.GeneratorParams(self.model)
@@ -244,6 +282,29 @@ class OrtScorer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
+
+    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+        ids, out = list(ids), []
+        eos = self.tokenizer.eos_token_id
+        for _ in range(
+            max_new_tokens
+        ):  # no KV cache in this graph: the whole sequence each step (short texts)
+            nxt = int(np.argmax(self.logits(ids)[-1]))
+            if nxt == eos:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        return self._greedy(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], max_new_tokens)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+        """Greedy reply through the tokenizer's chat template; None without one."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._greedy(self.tokenizer(text, add_special_tokens=False)["input_ids"], max_new_tokens)
 
     def _feed(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feed: dict[str, np.ndarray] = {}

