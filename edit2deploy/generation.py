@@ -100,15 +100,27 @@ def judge(probe: GenProbe, text: str | None) -> Generated:
 
 
 def generate(gen: TextGenerator, probes: Sequence[GenProbe], settings: GenerationSettings) -> list[Generated]:
-    """Run every probe in one runtime, greedily."""
-    out = []
-    for p in probes:
-        if p.kind == "chat":
-            text = gen.chat([{"role": "user", "content": p.text}], settings.chat_tokens)
-        else:
-            text = gen.complete(p.text, settings.completion_tokens)
-        out.append(judge(p, text))
-    return out
+    """Run every probe in one runtime, greedily (batched where the runtime offers `complete_many`/`chat_many`)."""
+    chats = [i for i, p in enumerate(probes) if p.kind == "chat"]
+    plain = [i for i, p in enumerate(probes) if p.kind != "chat"]
+    texts: dict[int, str | None] = {}
+    conversations = [[{"role": "user", "content": probes[i].text}] for i in chats]
+    chat_many = getattr(gen, "chat_many", None)
+    replies = (
+        chat_many(conversations, settings.chat_tokens)
+        if chat_many
+        else [gen.chat(c, settings.chat_tokens) for c in conversations]
+    )
+    texts.update(zip(chats, replies))
+    prompts = [probes[i].text for i in plain]
+    complete_many = getattr(gen, "complete_many", None)
+    completions = (
+        complete_many(prompts, settings.completion_tokens)
+        if complete_many
+        else [gen.complete(p, settings.completion_tokens) for p in prompts]
+    )
+    texts.update(zip(plain, completions))
+    return [judge(p, texts[i]) for i, p in enumerate(probes)]
 
 
 @dataclass

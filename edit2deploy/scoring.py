@@ -208,31 +208,52 @@ class TorchScorer:
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+    def _greedy(self, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of token sequences, batched (left-padded, positions from the mask)."""
         device = next(self.model.parameters()).device
-        x = torch.tensor([list(ids)], device=device)
-        out = self.model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id,
+        out: list[str] = [""] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            ids, mask, _, _ = pad_batch([list(seqs[i]) for i in chunk], self.pad_id, "left")
+            gen = self.model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+            )
+            for row, i in enumerate(chunk):
+                out[i] = self.tokenizer.decode(gen[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        return out
+
+    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy plain-text continuations (each prompt with the tokenizer's own special tokens, as scored)."""
+        seqs = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return self._greedy(seqs, max_new_tokens)
+
+    def chat_many(
+        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int
+    ) -> list[str | None]:
+        """Greedy replies through the tokenizer's chat template (`apply_chat_template`); None without one."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return [None] * len(conversations)
+        texts = [
+            self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+            for m in conversations
+        ]
+        return self._greedy(
+            [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], max_new_tokens
         )
-        return self.tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
 
     def complete(self, prompt: str, max_new_tokens: int) -> str:
-        """Greedy plain-text continuation (the prompt with the tokenizer's own special tokens, as scored)."""
-        return self._greedy(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], max_new_tokens)
+        return self.complete_many([prompt], max_new_tokens)[0]
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
-        """Greedy reply through the tokenizer's chat template (`apply_chat_template`); None without one."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._greedy(self.tokenizer(text, add_special_tokens=False)["input_ids"], max_new_tokens)
+        return self.chat_many([messages], max_new_tokens)[0]
 
 
 def prob(logprob: float) -> float:

@@ -120,6 +120,28 @@ class CachedScorer:
             self._dirty = True
         return self._texts[k]
 
+    def _generated_many(self, kind: str, items: list, n: int, many: str, one: str) -> list:
+        keys = [json.dumps([kind, item, n]) for item in items]
+        todo = [i for i, k in enumerate(keys) if k not in self._texts]
+        if todo:
+            batch = getattr(self.inner, many, None)
+            got = (
+                batch([items[i] for i in todo], n)
+                if batch
+                else [getattr(self.inner, one)(items[i], n) for i in todo]
+            )
+            self._texts.update({keys[i]: g for i, g in zip(todo, got)})
+            self._dirty = True
+        return [self._texts[k] for k in keys]
+
+    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return self._generated_many("complete", list(prompts), max_new_tokens, "complete_many", "complete")
+
+    def chat_many(
+        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int
+    ) -> list[str | None]:
+        return self._generated_many("chat", list(conversations), max_new_tokens, "chat_many", "chat")
+
     def complete(self, prompt: str, max_new_tokens: int) -> str:
         return self._generated(
             ["complete", prompt, max_new_tokens], lambda: self.inner.complete(prompt, max_new_tokens)
