@@ -103,24 +103,20 @@ def generate(gen: TextGenerator, probes: Sequence[GenProbe], settings: Generatio
     """Run every probe in one runtime, greedily (batched where the runtime offers `complete_many`/`chat_many`)."""
     chats = [i for i, p in enumerate(probes) if p.kind == "chat"]
     plain = [i for i, p in enumerate(probes) if p.kind != "chat"]
-    texts: dict[int, str | None] = {}
     conversations = [[{"role": "user", "content": probes[i].text}] for i in chats]
-    chat_many = getattr(gen, "chat_many", None)
-    replies = (
-        chat_many(conversations, settings.chat_tokens)
-        if chat_many
-        else [gen.chat(c, settings.chat_tokens) for c in conversations]
+    texts = dict(zip(chats, _each(gen, "chat", conversations, settings.chat_tokens)))
+    texts.update(
+        zip(plain, _each(gen, "complete", [probes[i].text for i in plain], settings.completion_tokens))
     )
-    texts.update(zip(chats, replies))
-    prompts = [probes[i].text for i in plain]
-    complete_many = getattr(gen, "complete_many", None)
-    completions = (
-        complete_many(prompts, settings.completion_tokens)
-        if complete_many
-        else [gen.complete(p, settings.completion_tokens) for p in prompts]
-    )
-    texts.update(zip(plain, completions))
     return [judge(p, texts[i]) for i, p in enumerate(probes)]
+
+
+def _each(gen: TextGenerator, method: str, items: list, max_new_tokens: int) -> list[str | None]:
+    """`gen.<method>_many(items)` where the runtime batches, else one `gen.<method>(item)` at a time."""
+    many = getattr(gen, f"{method}_many", None)
+    if many is not None:
+        return many(items, max_new_tokens)
+    return [getattr(gen, method)(item, max_new_tokens) for item in items]
 
 
 @dataclass

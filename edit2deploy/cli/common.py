@@ -45,6 +45,14 @@ def add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_no_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="do not judge generated text (completions and chat replies); teacher-forced checks only",
+    )
+
+
 def json_safe(obj):
     """JSON has no Infinity/NaN: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from .common import positive, print_table
+from .common import add_no_generation, positive, print_table
 
 TARGET_HELP = (
     "FORMAT:TYPE[:PROTECTION], e.g. gguf:Q4_K_M, onnx:int4:none, bnb:nf4 (PROTECTION: q8_0, f16, none)"
@@ -123,11 +123,7 @@ def add_verify(sub) -> Callable:
         "'off' disables); repeatable",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baseline export")
-    p.add_argument(
-        "--no-generation",
-        action="store_true",
-        help="do not judge generated text (completions and chat replies); teacher-forced checks only",
-    )
+    add_no_generation(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 references)")
     p.add_argument("--report", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..ops.demo import DEMO_MODEL, DEMO_N_TOKENS
-from .common import add_set, positive, print_table
+from .common import add_no_generation, add_set, positive, print_table
 
 FLAG_FIELDS = (  # [run] fields that have a flag of the same name
     "model",
@@ -75,11 +75,7 @@ def add_run(sub) -> Callable:
         help="text file for the perplexity probe (default: a public-domain passage shipped in the package)",
     )
     p.add_argument("--protect-edits", default=None, help="none | q8_0 | f16 (default q8_0)")
-    p.add_argument(
-        "--no-generation",
-        action="store_true",
-        help="do not judge generated text (completions and chat replies); teacher-forced checks only",
-    )
+    add_no_generation(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baselines")
     p.add_argument(
         "--harden",
