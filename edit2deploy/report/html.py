@@ -18,6 +18,7 @@ from .text import (
     _short_tensor,
     _signed,
     generation_tables,
+    ledger_rows,
     summary_rows,
 )
 
@@ -171,18 +172,7 @@ def render_html(doc: dict) -> str:
     )
 
     led = doc["ledger"]
-    lrows = [
-        [
-            b["id"],
-            "active" if b["id"] in led["active_batches"] else "rolled back",
-            b["time"],
-            b["method"],
-            ", ".join(str(r) for r in b["requests"]),
-            _num(b["seconds"], ".1f"),
-            " ".join(f"{_short_tensor(n)}={_num(t['delta_fro'], '.3f')}" for n, t in b["tensors"].items()),
-        ]
-        for b in led["batches"]
-    ]
+    lrows = ledger_rows(doc)
     body += [
         "<h2 id='ledger'>Ledger</h2>",
         (

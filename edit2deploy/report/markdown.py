@@ -15,6 +15,7 @@ from .text import (
     _short_tensor,
     _signed,
     generation_tables,
+    ledger_rows,
     summary_rows,
 )
 
@@ -146,18 +147,7 @@ def render_markdown(doc: dict) -> str:
 
 def _ledger_md(doc: dict) -> str:
     led = doc["ledger"]
-    rows = [
-        [
-            b["id"],
-            "active" if b["id"] in led["active_batches"] else "rolled back",
-            b["time"],
-            b["method"],
-            ", ".join(str(r) for r in b["requests"]),
-            _num(b["seconds"], ".1f"),
-            " ".join(f"{_short_tensor(n)}={_num(t['delta_fro'], '.3f')}" for n, t in b["tensors"].items()),
-        ]
-        for b in led["batches"]
-    ]
+    rows = ledger_rows(doc)
     head = f"Base model `{led['base_model']}`; statistics corpus `{led['corpus']}`, {led['n_tokens']} tokens."
     return (
         head

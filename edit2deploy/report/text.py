@@ -145,3 +145,20 @@ def generation_tables(doc: dict) -> GenerationTables | None:
                 asked = [t["target"], f["request_id"], f["kind"], f["text"][:60], f["expected"]]
                 texts.append(asked + verdicts + [" ".join((f["text_artifact"] or "").split())])
     return GenerationTables(rates, texts, notes) if rates else None
+
+
+def ledger_rows(doc: dict) -> list[list[str]]:
+    """One row per ledger batch: id, status, time, method, requests, seconds, ‖ΔW‖_F per edited tensor."""
+    led = doc["ledger"]
+    return [
+        [
+            b["id"],
+            "active" if b["id"] in led["active_batches"] else "rolled back",
+            b["time"],
+            b["method"],
+            ", ".join(str(r) for r in b["requests"]),
+            _num(b["seconds"], ".1f"),
+            " ".join(f"{_short_tensor(n)}={_num(t['delta_fro'], '.3f')}" for n, t in b["tensors"].items()),
+        ]
+        for b in led["batches"]
+    ]
