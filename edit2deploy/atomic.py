@@ -6,11 +6,30 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+KILL_ENV = "EDIT2DEPLOY_TEST_KILL_AT"
+KILL_STAGES = (
+    "statistics",
+    "z-optimisation",
+    "solve",
+    "ledger",
+    "export",
+    "baseline",
+    "verify",
+    "report",
+)
+
+
+def kill_point(stage: str) -> None:
+    """Test hook (tests/test_kill.py): the process SIGKILLs itself here when EDIT2DEPLOY_TEST_KILL_AT names
+    `stage`, so a crash lands at a known point of a run; without the variable it does nothing."""
+    if os.environ.get(KILL_ENV) == stage:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def temp_sibling(final: Path) -> Path:

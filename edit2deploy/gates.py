@@ -55,10 +55,16 @@ class Gates:
                 raise UsageError(
                     f"--gate {item}: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}"
                 )
+            if value.strip() == "off":
+                g = replace(g, **{name: None})
+                continue
             try:
-                g = replace(g, **{name: None if value.strip() == "off" else float(value)})
+                number = float(value)
             except ValueError:
                 raise UsageError(f"--gate {item}: '{value}' is not a number (or 'off')") from None
+            if not math.isfinite(number) or number < 0:  # a NaN threshold would fail or pass every check
+                raise UsageError(f"--gate {item}: expected a finite number ≥ 0 (or 'off'), got {value}")
+            g = replace(g, **{name: number})
         return g
 
 

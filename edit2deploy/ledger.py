@@ -19,16 +19,18 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .errors import UsageError
-from .requests import EditRequest
+from .errors import InputFileError, InputProblem, UsageError
+from .models import file_sha256
+from .requests import EditRequest, fact_key
 
 LEDGER_DIR = "edit2deploy"
 STATE_FILE = "state.json"
@@ -169,6 +171,77 @@ class Ledger:
                 return t["sha256_before"]
         return None
 
+    def record_weights(self, model_dir: Path) -> None:
+        """Remember the SHA-256 of every weights file of `model_dir` (being written with this ledger)."""
+        self.state["weights_sha256"] = {f.name: file_sha256(f) for f in _weight_files(model_dir)}
+
+    def weights_problem(self, model_dir: Path | str) -> str | None:
+        """Why the weights in `model_dir` are not the ones this ledger describes (a byte changed after they were
+        written), or None. Files are compared with their recorded SHA-256; a ledger from before those were
+        recorded compares each edited tensor with its recorded (or replayed) state."""
+        model_dir = Path(model_dir)
+        recorded = self.state.get("weights_sha256")
+        if recorded is not None:
+            files = {f.name: f for f in _weight_files(model_dir)}
+            if sorted(files) != sorted(recorded):
+                return f"{model_dir}: weights files {sorted(files)} are not the ledger's {sorted(recorded)}"
+            for name, sha in recorded.items():
+                if file_sha256(files[name]) != sha:
+                    return f"{files[name]}: SHA-256 differs from the one recorded in the edit ledger"
+            return None
+        found = _read_tensors(model_dir, set(self.originals))
+        for name in self.originals:
+            want = self.recorded_sha256(name, self.active_batches)
+            want = want or tensor_sha256(self.replay(name, self.active_batches))
+            if name not in found:
+                return f"{model_dir}: edited tensor {name} is missing"
+            if tensor_sha256(found[name]) != want:
+                return f"{model_dir}: tensor {name} differs from the SHA-256 recorded in the edit ledger"
+        return None
+
+    def check_weights(self, model_dir: Path | str, what: str) -> None:
+        """A usage error when `weights_problem` finds one: `what` (e.g. "rollback") is refused."""
+        problem = self.weights_problem(model_dir)
+        if problem:
+            raise UsageError(f"{problem} (the weights were changed after they were written); {what} refused")
+
+    def new_requests(self, requests: list[EditRequest], model_dir: Path | str) -> list[EditRequest]:
+        """`requests` less those this ledger's active batches already applied (skipped with a one-line warning);
+        one that gives an already edited fact another target is an error naming the batch."""
+        known: dict[tuple[str, str], tuple[str, EditRequest]] = {}
+        for b in self.active_batches:
+            for q in self.batch_record(b)["requests"]:
+                r = EditRequest.from_json(q)
+                known.setdefault(fact_key(r), (b, r))
+        out, problems, skipped = [], [], []
+        for i, r in enumerate(requests):
+            hit = known.get(fact_key(r))
+            if hit is None:
+                out.append(r)
+            elif hit[1].target_new.strip() == r.target_new.strip():
+                skipped.append(f"{r.where or f'request {i}'} ({hit[0]})")
+            else:
+                problems.append(
+                    InputProblem(
+                        r.where or f"edits: request {i}",
+                        None,
+                        "target_new",
+                        f"'{r.target_new}' conflicts with '{hit[1].target_new}', which {hit[0]} of {model_dir} "
+                        f"edited into the same subject '{r.subject}' and prompt '{r.prompt}' (roll it back first: "
+                        f"edit2deploy rollback --model {model_dir} --batch {hit[0]})",
+                    )
+                )
+        if problems:
+            raise InputFileError(problems)
+        if skipped:
+            more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+            warnings.warn(
+                f"skipped {len(skipped)} request(s) already edited into {model_dir}: "
+                f"{'; '.join(skipped[:3])}{more}",
+                stacklevel=2,
+            )
+        return out
+
     def replay(self, name: str, batches: list[str]) -> torch.Tensor:
         """W0 + ΔW of each listed batch, added in order (bit-identical to what the editor produced)."""
         w = self.originals[name].clone()
@@ -177,6 +250,19 @@ class Ledger:
             if delta is not None:
                 w.add_(delta)
         return w
+
+
+def _read_tensors(model_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors from a model directory's weights files (only those are read)."""
+    out = {}
+    for f in _weight_files(model_dir):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                for name in set(fh.keys()) & names:
+                    out[name] = fh.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"{f}: unreadable weights ({exc})") from exc
+    return out
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -198,6 +284,7 @@ def rollback(
     ledger = Ledger.load(model_dir)
     if ledger is None:
         raise UsageError(f"{model_dir}: no edit ledger (not a directory written by `edit2deploy edit`)")
+    ledger.check_weights(model_dir, "rollback")
     active = ledger.active_batches
     if (last is None) == (batch is None):
         raise UsageError("rollback: give exactly one of --last N or --batch ID")
@@ -234,5 +321,6 @@ def rollback(
                 if name in restored:
                     tensors[name] = restored[name].to(tensors[name].dtype).contiguous()
             save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+        ledger.record_weights(tmp)
         ledger.write_into(tmp)
     return {"removed": removed, "kept": kept, "verified": checks}

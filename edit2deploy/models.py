@@ -12,6 +12,7 @@ import hashlib
 import importlib.resources
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path}: not a Hugging Face model directory (no config.json)")
+        read_config(path)  # a malformed config is the user's to fix: say so before anything loads
         return path
     if path.exists():
         raise UsageError(f"{path}: expected a Hugging Face model directory or a .gguf file")
@@ -181,6 +183,23 @@ def source_gguf(spec: str | os.PathLike) -> Path | None:
         return builtin_gguf_path(BUILTIN_MODELS[text])
     path = Path(text).expanduser()
     return path if path.is_file() and _is_gguf_name(path) else None
+
+
+def read_chat_template(model_dir: Path | str) -> str | None:
+    """The model's Jinja chat template (`chat_template.jinja`, or `tokenizer_config.json`'s `chat_template`)."""
+    model_dir = Path(model_dir)
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    tpl = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default") or next(iter(named.values()), None)
+    return tpl if isinstance(tpl, str) and tpl.strip() else None
 
 
 @dataclass
@@ -204,6 +223,51 @@ def _first_line(exc: BaseException) -> str:
     return lines[0].rstrip(":") if lines else type(exc).__name__
 
 
+# config.json fields read as sizes by the supported families: when present, positive integers (null only where the
+# family allows it), and numbers read as floats: finite and > 0. Checked before any weights load.
+CONFIG_COUNTS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_positions",
+    "max_position_embeddings",
+)
+CONFIG_NULLABLE_COUNTS = ("num_key_value_heads", "head_dim", "n_inner", "sliding_window")
+CONFIG_NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def check_config(config: dict, path: Path, prefix: str = "") -> None:
+    """A usage error naming the file and field of the first malformed size or number in a model config."""
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise UsageError(
+            f"{path}: field '{prefix}model_type': expected a string, got {json.dumps(config['model_type'])}"
+        )
+    for key in (*CONFIG_COUNTS, *CONFIG_NULLABLE_COUNTS):
+        if key not in config or (config[key] is None and key in CONFIG_NULLABLE_COUNTS):
+            continue
+        v = config[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UsageError(
+                f"{path}: field '{prefix}{key}': expected a positive integer, got {json.dumps(v)}"
+            )
+    for key in CONFIG_NUMBERS:
+        v = config.get(key)
+        if v is not None and (
+            not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
+        ):
+            raise UsageError(
+                f"{path}: field '{prefix}{key}': expected a positive number, got {json.dumps(v)}"
+            )
+    text = config.get("text_config")
+    if isinstance(text, dict):  # multimodal families keep the language model's sizes here
+        check_config(text, path, prefix + "text_config.")
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     try:
@@ -216,7 +280,21 @@ def read_config(model_dir: Path) -> dict:
         raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    check_config(config, path)
     return config
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch device this machine has (cpu, cuda, cuda:N), else a usage error."""
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device: unknown device '{device}' (expected cpu, cuda or cuda:N)") from exc
+    if torch_device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: unsupported device '{device}' (expected cpu, cuda or cuda:N)")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+    return torch_device
 
 
 def open_model(
@@ -225,12 +303,7 @@ def open_model(
     """Load a model for editing/scoring (float32 by default: edits are applied in full precision)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        torch_device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"--device: unknown device '{device}' (expected cpu, cuda or cuda:N)") from exc
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+    torch_device = check_device(device)
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
     try:

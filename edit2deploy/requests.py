@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import InputFileError, InputProblem, UsageError
@@ -39,6 +40,8 @@ class EditRequest:
     questions: tuple[str, ...] = ()
     # other spellings of an answer that count as mentioning it in generated text: ((answer, (alias, ...)), ...)
     aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # where it was read ("edits.jsonl:3"), for messages about it; not part of the request (nor of its record)
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -69,7 +72,7 @@ class EditRequest:
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = [asdict(n) for n in self.neighborhood]
         # the optional fields appear only when given, so records (and ledgers) of requests without them are unchanged
-        d.pop("questions"), d.pop("aliases")
+        d.pop("questions"), d.pop("aliases"), d.pop("where")
         if self.questions:
             d["questions"] = list(self.questions)
         if self.aliases:
@@ -115,6 +118,30 @@ class _Checker:
             self.bad(label, "empty (expected a non-empty string)")
             return None
         return value
+
+
+def _lone_surrogate(chk: _Checker, value, path: str = "") -> bool:
+    """Report the first string (or key) in a parsed record that is not valid Unicode: JSON lets a file write a lone
+    UTF-16 surrogate ("\\ud800"), which no tokenizer takes. True when one was found."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            chk.bad(
+                path or None,
+                f"holds a lone UTF-16 surrogate \\u{code:04x} at character {exc.start} (expected valid Unicode text)",
+            )
+            return True
+        return False
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if _lone_surrogate(chk, k, path) or _lone_surrogate(chk, v, sub):
+                return True
+    elif isinstance(value, list):
+        return any(_lone_surrogate(chk, v, f"{path}[{i}]") for i, v in enumerate(value))
+    return False
 
 
 def _normalise_prompt(chk: _Checker, prompt: str, subject: str, label: str = "prompt") -> str | None:
@@ -347,11 +374,14 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+def load_requests(
+    path: Path | str, limit: int | None = None, offset: int = 0, merge: bool = False
+) -> list[EditRequest]:
     """Load and validate edit requests from JSONL (ours) or JSON (CounterFact/EasyEdit, ROME, or zsRE in MEND's
     layout).
 
-    `offset` skips that many records, `limit` (None: all) keeps at most that many after it.
+    `offset` skips that many records, `limit` (None: all) keeps at most that many after it. `merge` (files to
+    edit with; a fact file may ask twice): `merge_duplicates` the requests.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"--limit: expected a positive integer, got {limit!r}")
@@ -382,6 +412,8 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
             if not isinstance(rec, dict):
                 chk.bad(None, f"expected an object, got {_json_kind(rec)}")
                 continue
+            if _lone_surrogate(chk, rec):
+                continue
             if "requested_rewrite" in rec:
                 req = parse_rome_record(rec, chk)
             elif "src" in rec and "alt" in rec:
@@ -394,7 +426,7 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
             else:
                 req = parse_jsonl_record(rec, chk, str(i))
             if req is not None:
-                requests.append(req)
+                requests.append(replace(req, where=f"{name}: record {i}"))
                 where.append(chk)
     else:
         seen = 0
@@ -415,10 +447,16 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
             if not isinstance(rec, dict):
                 chk.bad(None, f"expected a JSON object, got {_json_kind(rec)}")
                 continue
+            if _lone_surrogate(chk, rec):
+                continue
             req = parse_jsonl_record(rec, chk, str(lineno))
             if req is not None:
-                requests.append(req)
+                requests.append(replace(req, where=f"{name}:{lineno}"))
                 where.append(chk)
+    if merge and not problems:
+        kept = {id(r) for r in merge_duplicates(requests, name)}
+        where = [c for r, c in zip(requests, where) if id(r) in kept]
+        requests = [r for r in requests if id(r) in kept]
     first_seen: dict[str, _Checker] = {}
     for req, chk in zip(requests, where):
         if req.id in first_seen:
@@ -442,6 +480,50 @@ def load_requests(path: Path | str, limit: int | None = None, offset: int = 0) -
     if not requests:
         raise UsageError(f"{path}: no edit requests found")
     return requests
+
+
+def fact_key(r: EditRequest) -> tuple[str, str]:
+    """What makes two requests the same fact: the subject and the prompt about it."""
+    return (r.subject.strip(), r.prompt.strip())
+
+
+def _place(r: EditRequest, index: int, source: str) -> str:
+    return r.where or f"{source}: request {index}"
+
+
+def merge_duplicates(requests: list[EditRequest], source: str) -> list[EditRequest]:
+    """The requests with exact repeats (the same subject, prompt and target) merged into the first, with a
+    one-line warning; the same subject and prompt with another target is an error naming both places."""
+    first: dict[tuple[str, str], int] = {}
+    out: list[EditRequest] = []
+    problems: list[InputProblem] = []
+    merged: list[str] = []
+    for i, r in enumerate(requests):
+        j = first.setdefault(fact_key(r), i)
+        if j == i:
+            out.append(r)
+            continue
+        prev = requests[j]
+        if prev.target_new.strip() == r.target_new.strip():
+            merged.append(f"{_place(r, i, source)} repeats {_place(prev, j, source)}")
+            continue
+        problems.append(
+            InputProblem(
+                _place(r, i, source),
+                None,
+                "target_new",
+                f"'{r.target_new}' conflicts with '{prev.target_new}' at {_place(prev, j, source)} for the same "
+                f"subject '{r.subject}' and prompt '{r.prompt}' (expected one target per fact)",
+            )
+        )
+    if problems:
+        raise InputFileError(problems)
+    if merged:
+        more = f" (and {len(merged) - 3} more)" if len(merged) > 3 else ""
+        warnings.warn(
+            f"merged {len(merged)} exact duplicate request(s): {'; '.join(merged[:3])}{more}", stacklevel=2
+        )
+    return out
 
 
 def _json_kind(value) -> str:

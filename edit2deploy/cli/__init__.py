@@ -88,6 +88,13 @@ def configure_output(quiet: bool, verbose: bool) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    # ours are for the user (a corrupt cache recomputed, duplicate edits merged): one line each
+    warnings.filterwarnings("default", module=r"edit2deploy(\.|$)")
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edit2deploy: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,8 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_output(getattr(args, "quiet", False), getattr(args, "verbose", False))
         return int(args._handlers[args.command.replace("-", "_")](args) or 0)
     except InputFileError as exc:
-        print(f"edit2deploy: error: {len(exc.problems)} problem(s) in input:", file=sys.stderr)
-        print(exc.report(), file=sys.stderr)
+        if len(exc.problems) == 1:  # one problem, one line
+            print(f"edit2deploy: error: {exc.problems[0]}", file=sys.stderr)
+        else:
+            print(f"edit2deploy: error: {len(exc.problems)} problem(s) in input:", file=sys.stderr)
+            print(exc.report(), file=sys.stderr)
         return 2
     except UsageError as exc:
         print(f"edit2deploy: error: {exc}", file=sys.stderr)

@@ -35,6 +35,24 @@ count = int_at_least(0, "an integer ≥ 0")
 positive = int_at_least(1, "a positive integer")
 
 
+def finite_at_least(minimum: float, expected: str) -> Callable[[str], float]:
+    """An argparse type: a finite number ≥ `minimum` (argparse's `float` would take "nan" and "inf")."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'")
+        return value
+
+    return parse
+
+
+non_negative = finite_at_least(0.0, "a finite number ≥ 0")
+
+
 def add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",

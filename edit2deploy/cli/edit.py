@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..formats import DEFAULT_PROTECTION
-from .common import add_set, count, positive, print_table
+from .common import add_set, count, non_negative, positive, print_table
 
 
 def add_edit(sub) -> Callable:
@@ -67,20 +67,23 @@ def add_edit(sub) -> Callable:
         help="protection the targets will be exported with",
     )
     h.add_argument(
-        "--harden-margin", type=float, default=None, help="nats/token the target must win by (default 1.0)"
+        "--harden-margin",
+        type=non_negative,
+        default=None,
+        help="nats/token the target must win by (default 1.0)",
     )
     h.add_argument(
         "--harden-rounds", type=positive, default=None, help="re-solve rounds per batch (default 3)"
     )
     h.add_argument(
         "--harden-risk",
-        type=float,
+        type=non_negative,
         default=None,
         help="also harden facts predicted to win by less than this many nats/token (default 0.5)",
     )
     h.add_argument(
         "--harden-specificity",
-        type=float,
+        type=non_negative,
         default=None,
         help="most neighbourhood points a round may cost before it is undone (default 5)",
     )

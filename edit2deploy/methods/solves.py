@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..atomic import kill_point
+
 
 def _f64(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.float64) for t in ts]
@@ -30,6 +32,7 @@ def memit_update(
     K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lambda_p: float, Kn: torch.Tensor | None = None
 ) -> torch.Tensor:
     """MEMIT:  ΔW = R Kᵀ (λ_p C + Kn Knᵀ + K Kᵀ)⁻¹   (no Kn in the paper)."""
+    kill_point("solve")
     K, R, C = _f64(K, R, C)
     A = lambda_p * C + _neighbour_term(Kn) + K @ K.T
     return torch.linalg.solve(A, K @ R.T).T
@@ -46,6 +49,7 @@ def encore_update(
 ) -> torch.Tensor:
     """ENCORE:  ΔW = R Kᵀ (λ_p C + λ_n I + Kp Kpᵀ + Kn Knᵀ + K Kᵀ)⁻¹  (λ_n‖ΔW‖²_F keeps the norm from
     growing; no Kn in the paper)."""
+    kill_point("solve")
     K, R, C, KpKpT = _f64(K, R, C, KpKpT)
     eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
     A = lambda_p * C + lambda_n * eye + KpKpT + _neighbour_term(Kn) + K @ K.T
@@ -78,6 +82,7 @@ def alphaedit_update(
     preserved keys, λ_∅ tr((D + ΔW) C (D + ΔW)ᵀ), which adds −λ_∅ D C P to R Kᵀ P: each batch pulls part of
     what earlier ones moved on the preserved keys back, against ‖ΔW Kp‖ which keeps earlier edits.
     """
+    kill_point("solve")
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
     eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     PK = P @ K  # (d_in, n): P K Kᵀ as (P K) Kᵀ is n/d_in of the work of P (K Kᵀ)

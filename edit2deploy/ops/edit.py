@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, kill_point, remove_stale_temps
 from ..errors import NonFiniteUpdateError, UsageError
 from ..ledger import Ledger, tensor_sha256
 from ..methods import EditConfig, Editor
@@ -22,10 +22,18 @@ from ..methods.editor import LayerState, check_layers, method_spec
 from ..methods.harden import HardenConfig, Hardener
 from ..methods.keys import context_templates, generate_prefixes
 from ..methods.preserved import facts_digest, name_facts, preserved_keys, second_moments
-from ..models import BUILTIN_MODELS, LoadedModel, open_model, weights_fingerprint
+from ..models import (
+    BUILTIN_MODELS,
+    LoadedModel,
+    check_device,
+    open_model,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from ..quantsim import QuantScheme, Simulation
-from ..requests import EditRequest, load_requests
+from ..requests import EditRequest, load_requests, merge_duplicates
 from ..stats import DEFAULT_N_TOKENS, corpus_from_path, corpus_names, key_stats
+from .settings import check_edit_config, check_run_values
 
 
 @dataclass
@@ -112,6 +120,7 @@ def prepare_editor(
             )
         corp = corpus_from_path(ledger.state.get("corpus_path"))
     t = time.perf_counter()
+    kill_point("statistics")
     stats = key_stats(
         lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
     )
@@ -207,6 +216,7 @@ def apply_requests(
         before = {li: arch.get_weight(lm.model, li).detach().cpu().clone() for li in editor.layers}
         t = time.perf_counter()
         batch_id = ledger.next_batch_id()
+        kill_point("z-optimisation")  # apply_batch starts with the batch's keys and target values
         try:
             report = editor.apply_batch(chunk, harden=harden)
         except NonFiniteUpdateError as exc:
@@ -253,9 +263,12 @@ def apply_requests(
 
 def write_model(lm: LoadedModel, ledger: Ledger, out: Path) -> None:
     """Write the patched model (HF directory) and its ledger; `out` appears only when complete."""
+    remove_stale_temps(out)  # what a killed edit left half-written
     with atomic_dir(out, replace=True) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        ledger.record_weights(tmp)
+        kill_point("ledger")
         ledger.write_into(tmp)
 
 
@@ -281,16 +294,23 @@ def edit_model(
 
     `harden_for`: one factory per deployment target, `(model, edited tensor names) -> QuantScheme` (the face
     builds them from the format simulators); each batch is then hardened against those targets."""
-    cfg = cfg or EditConfig()
+    cfg = check_edit_config(cfg or EditConfig())
+    check_run_values({"batch_size": batch_size, "n_tokens": n_tokens, "corpus": corpus}, "edit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"edit: field 'limit': expected an integer ≥ 1, got {limit!r}")
+    check_device(device)
     out = Path(out)
-    requests = edits if isinstance(edits, list) else load_requests(edits, limit=limit)
-    lm = open_model(model, device=device)
-    if out.resolve() == lm.model_dir.resolve():
+    if isinstance(edits, list):
+        requests = merge_duplicates(edits, "edits")
+    else:
+        requests = load_requests(edits, limit=limit, merge=True)
+    model_dir = resolve_model_dir(model)
+    if out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} is the input model directory; the input is never written")
     if out.exists() and not force:
         raise UsageError(f"--out {out} already exists (use --force to replace it)")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    requests = requests_for(model_dir, requests)
+    lm = open_model(model, device=device)
     edited_texts = [t for r in requests for t in (r.text, *r.paraphrases)]
     editor, ledger, stats_seconds = prepare_editor(
         lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved, avoid=edited_texts
@@ -308,6 +328,18 @@ def edit_model(
         write_model(lm, ledger, out)
         run.out = out
     return run
+
+
+def requests_for(model_dir: Path, requests: list[EditRequest]) -> list[EditRequest]:
+    """The requests still to apply to the model in `model_dir`: an edited model's weights must be the ones its
+    ledger describes, and requests it already holds are skipped (another target for one is an error)."""
+    ledger = Ledger.load(model_dir)
+    if ledger is not None:
+        ledger.check_weights(model_dir, "editing it further")
+        requests = ledger.new_requests(requests, model_dir)
+    if not requests:
+        raise UsageError(f"every edit request is already in {model_dir}'s edit ledger; nothing to do")
+    return requests
 
 
 def compute_stats(

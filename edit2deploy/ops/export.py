@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..atomic import remove_path, temp_sibling
+from ..atomic import kill_point, remove_path, temp_sibling
 from ..errors import Edit2DeployError, UsageError
 from ..formats import DEFAULT_PROTECTION, Artifact, Format, Protection, Target, get_format, parse_targets
 from ..ledger import read_edit_info
@@ -148,6 +148,7 @@ def export_target(
         art.extra = {**art.extra, "run": marker}
         fmt.write_record(art, at=tmp)
         fmt.after_export(art, model_dir)
+        kill_point("export")  # the record is in place, the artifact not yet
         os.replace(tmp, out)  # the commit point
     finally:
         remove_path(scratch)

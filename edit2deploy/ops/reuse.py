@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..ledger import Ledger
 from ..methods import EditConfig
 from ..methods.editor import resolve_config
-from ..models import weights_fingerprint
+from ..models import read_chat_template, weights_fingerprint
 from ..requests import EditRequest
 from ..stats import corpus_from_path
 from .scores import jsonable
@@ -28,7 +28,10 @@ def resolved_config(cfg: EditConfig, model_dir: Path) -> EditConfig:
 
     config = AutoConfig.from_pretrained(model_dir)
     return resolve_config(
-        cfg, architecture_for(config.model_type), config.get_text_config().num_hidden_layers
+        cfg,
+        architecture_for(config.model_type),
+        config.get_text_config().num_hidden_layers,
+        has_chat_template=read_chat_template(model_dir) is not None,
     )
 
 
@@ -53,6 +56,12 @@ def edit_reuse_problem(
         return f"unreadable ledger ({exc})"
     if ledger is None:
         return "no ledger"
+    try:
+        changed = ledger.weights_problem(model_dir)
+    except UsageError as exc:
+        changed = str(exc)
+    if changed:
+        return f"its weights no longer match its ledger: {changed}"
     prior = Ledger.load(input_dir)
     prior_records = prior.records if prior is not None else []
     state = ledger.state

@@ -38,7 +38,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..atomic import clean_stale_temps
+from ..atomic import clean_stale_temps, kill_point
 from ..errors import Edit2DeployError, UsageError
 from ..formats import DEFAULT_PROTECTION, Protection, Target, get_format, parse_targets
 from ..gates import Gates, perplexity
@@ -46,18 +46,19 @@ from ..generation import DEFAULT_GENERATION
 from ..ledger import Ledger
 from ..methods import EditConfig
 from ..methods.harden import HardenConfig
-from ..models import resolve_model_dir, weights_fingerprint
+from ..models import check_device, resolve_model_dir, weights_fingerprint
 from ..report import write_reports
-from ..requests import EditRequest, load_requests
+from ..requests import EditRequest, load_requests, merge_duplicates
 from ..stats import DEFAULT_N_TOKENS
 from .baseline import paired_baseline
-from .edit import base_spec, edit_model
+from .edit import base_spec, edit_model, requests_for
 from .export import export_target
 from .predict import scheme_factories
 from .report import build_report
 from .results import EditStage, ExportStage, RunResult, TargetResult
 from .reuse import edit_reuse_problem
 from .scores import CachedScorer, HeldOut, jsonable, load_heldout, scores_store, torch_factory
+from .settings import check_edit_config, check_run_values
 from .verify import check_artifact, gates_for
 
 MODEL_SUBDIR = "model"
@@ -94,6 +95,22 @@ class RunConfig:
     generation: bool = True  # also judge generated text: completions and chat replies (generation.py)
 
 
+# RunConfig fields with a [run] table twin, checked by the same rules (`ops.settings.RUN_FIELDS`)
+RUN_CHECKED = (
+    "model",
+    "out",
+    "gates",
+    "batch_size",
+    "corpus",
+    "n_tokens",
+    "preserved",
+    "preserved_n",
+    "heldout",
+    "baseline",
+    "generation",
+)  # `device` and `protect_edits` by their own parsers, whose messages name the flag
+
+
 @dataclass(frozen=True)
 class RunInputs:
     """A `RunConfig` validated and loaded: everything is checked here, before any heavy work starts."""
@@ -111,12 +128,23 @@ class RunInputs:
 
 def prepare(config: RunConfig) -> RunInputs:
     """Validate every input of a run (a `UsageError` names the first bad one) and load the small ones."""
+    c = config
+    given = {k: getattr(c, k) for k in RUN_CHECKED}
+    given["edits"] = c.edits if isinstance(c.edits, (str, Path)) else None  # a list is checked when merged
+    given["targets"] = c.targets if isinstance(c.targets, str) else None  # `Target`s: by parse_targets
+    given["harden"] = None if isinstance(c.harden, HardenConfig) else c.harden
+    check_run_values(given, "run")
+    for flag in ("quiet", "reports"):
+        if not isinstance(getattr(c, flag), bool):
+            raise UsageError(f"run: field '{flag}': expected true or false, got {getattr(c, flag)!r}")
+    check_edit_config(c.cfg)
+    check_device(c.device)
     targets = parse_targets(config.targets, config.protect_edits, "--targets")
     gates = {t: gates_for(get_format(t.format), t.quant, config.gates) for t in targets}
     if isinstance(config.edits, (str, Path)):
-        requests, source = load_requests(config.edits), str(config.edits)
+        requests, source = load_requests(config.edits, merge=True), str(config.edits)
     else:
-        requests, source = list(config.edits), "<list>"
+        requests, source = merge_duplicates(list(config.edits), "edits"), "<list>"
     if not requests:
         raise UsageError(f"--edits {source}: no edit requests")
     if config.batch_size is not None and config.batch_size < 1:
@@ -152,7 +180,8 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
     tokens = (
         c.n_tokens if c.n_tokens is not None else (prior.state["n_tokens"] if prior else DEFAULT_N_TOKENS)
     )
-    batch_size = c.batch_size or len(inp.requests)
+    requests = requests_for(input_dir, inp.requests) if prior is not None else inp.requests
+    batch_size = c.batch_size or len(requests)
     harden_key = None
     if inp.harden is not None:
         harden_key = {"targets": [str(t) for t in inp.targets], "config": inp.harden.to_json()}
@@ -160,7 +189,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
         out_model,
         base_spec(c.model),
         input_dir,
-        inp.requests,
+        requests,
         c.cfg,
         batch_size,
         c.corpus,
@@ -171,10 +200,10 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
     if problem is None:
         log(f"edit: reusing {out_model} (same requests, configuration and base model)")
     else:
-        log(f"edit: {len(inp.requests)} request(s) into {out_model} ({problem})")
+        log(f"edit: {len(requests)} request(s) into {out_model} ({problem})")
         res = edit_model(
             c.model,
-            inp.requests,
+            requests,
             out_model,
             cfg=c.cfg,
             batch_size=batch_size,
@@ -261,6 +290,7 @@ def verify_stage(inp: RunInputs, edit: EditStage, exports: Sequence[ExportStage]
         ref_seconds = time.perf_counter() - t0
         for ex in tqdm(exports, desc="verify", unit="target", disable=inp.config.quiet or len(exports) < 2):
             log(f"verify {ex.target}")
+            kill_point("verify")  # the references are scored, their scores not yet remembered
             t0 = time.perf_counter()
             check = check_artifact(
                 get_format(ex.target.format),

@@ -7,6 +7,7 @@ import hashlib
 import importlib.resources
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..models import cache_root, open_model
 from ..scoring import Scored, Scorer, TorchScorer
 
 HELDOUT_RESOURCE = "data/heldout.txt"
-SCORES_VERSION = 2  # 2: generated texts remembered too
+SCORES_VERSION = 3  # 2: generated texts remembered too; 3: a checksum of the content
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -153,10 +154,14 @@ class CachedScorer:
         )
 
     def _load(self) -> None:
+        if not self.store.is_file():
+            return
         try:
             doc = json.loads(self.store.read_text())
             if doc.get("version") != SCORES_VERSION or doc.get("key") != self.key:
-                return
+                return  # another version or another model: not damage, just not ours
+            if doc.get("sha256") != _payload_sha256(doc["scores"], doc["texts"]):
+                raise ValueError("checksum mismatch")
             for prompt, cont, s in doc["scores"]:
                 self._memo[(prompt, cont)] = Scored(
                     tuple(s["prompt_ids"]),
@@ -165,8 +170,9 @@ class CachedScorer:
                     tuple(s["greedy_ids"]),
                 )
             self._texts.update({k: v for k, v in doc["texts"]})
-        except (OSError, ValueError, KeyError, TypeError):
-            self._memo.clear()  # missing or damaged: score again
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"scores cache {self.store} is corrupt ({exc}); scoring again", stacklevel=2)
+            self._memo.clear()
             self._texts.clear()
 
     def save(self) -> None:
@@ -190,6 +196,7 @@ class CachedScorer:
             ],
             "texts": [[k, v] for k, v in self._texts.items()],
         }
+        doc["sha256"] = _payload_sha256(doc["scores"], doc["texts"])
         with atomic_file(self.store, "w") as fh:
             json.dump(doc, fh)
         self._dirty = False
@@ -200,6 +207,11 @@ class CachedScorer:
         close = getattr(inner, "close", None)
         if close is not None:
             close()
+
+
+def _payload_sha256(scores: list, texts: list) -> str:
+    """Checksum of a scores file's content: a changed byte that still parses must not become a score."""
+    return hashlib.sha256(json.dumps([scores, texts], sort_keys=True).encode()).hexdigest()
 
 
 def scores_store(kind: str, key: dict) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,49 +36,78 @@ def parse_layers(text: str, where: str = "--layers") -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def _typed(where: str, name: str, value, default):
-    if isinstance(default, bool):
+# A string field's allowed values, one entry per field of `EditConfig` / `ValueHParams`. A field is checked only
+# where the dataclass has it, so an entry may name a field that is still to come.
+STRING_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": tuple(METHODS),
+    "dtype": ("auto", "float32", "bfloat16"),
+    "chat_contexts": ("auto", "on", "off"),
+    "chat_keys": ("separate", "shared"),
+}
+# Numbers that must be > 0, not only ≥ 0 like every other count and weight: 0 would make the edit a silent no-op.
+POSITIVE_FIELDS = ("lr", "clamp")
+NULLABLE_BOOLS = ("mpes",)  # None: the method's own choice (never in a TOML file, which has no null)
+
+
+def _typed(where: str, name: str, value: Any, default: Any) -> Any:
+    """`value` checked against the type of the field's `default` (no coercion: a string is not a number)."""
+    if name in NULLABLE_BOOLS and value is None:
+        return None
+    if isinstance(default, bool) or name in NULLABLE_BOOLS:
         if not isinstance(value, bool):
-            raise UsageError(f"{where}: field '{name}': expected true or false")
+            raise UsageError(f"{where}: field '{name}': expected true or false, got {value!r}")
         return value
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise UsageError(f"{where}: field '{name}': expected an integer")
-        if value < 0:  # every count and weight of an edit config is non-negative
-            raise UsageError(f"{where}: field '{name}': expected an integer ≥ 0, got {value}")
+            raise UsageError(f"{where}: field '{name}': expected an integer, got {value!r}")
+        low = 1 if name in POSITIVE_FIELDS else 0
+        if value < low:
+            raise UsageError(f"{where}: field '{name}': expected an integer ≥ {low}, got {value}")
         return value
     if isinstance(default, float):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise UsageError(f"{where}: field '{name}': expected a number")
+            raise UsageError(f"{where}: field '{name}': expected a number, got {value!r}")
         if not math.isfinite(value):
             raise UsageError(f"{where}: field '{name}': expected a finite number, got {value}")
+        if name in POSITIVE_FIELDS and value <= 0:
+            raise UsageError(f"{where}: field '{name}': expected a number > 0, got {value}")
         if value < 0:
             raise UsageError(f"{where}: field '{name}': expected a number ≥ 0, got {value}")
         return float(value)
-    return value
+    if isinstance(default, str):
+        choices = STRING_CHOICES.get(name)
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else "a string"
+            raise UsageError(f"{where}: field '{name}': {value!r} (expected {expected})")
+        return value
+    return value  # a field without a checkable default (None): the dataclass takes it as given
+
+
+def _layers(where: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, tuple) and not value:
+        return ()  # the API's default: the architecture's layers
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+            raise UsageError(f"{where}: field 'layers': expected a list of layer numbers, got {value!r}")
+        value = ",".join(map(str, value))
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise UsageError(f"{where}: field 'layers': expected e.g. [4, 5, 6] or \"4-8\", got {value!r}")
+    return parse_layers(str(value), f"{where}: field 'layers'")
 
 
 def edit_config_from(table: dict, where: str, base: EditConfig | None = None) -> EditConfig:
     """An `EditConfig` from a dict (a TOML [edit] table); unknown keys are errors."""
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: expected a table of fields, got {type(table).__name__}")
     base = base or EditConfig()
     top = {f.name: f for f in dataclasses.fields(EditConfig)}
     val = {f.name for f in dataclasses.fields(ValueHParams)}
     changes, vchanges = {}, {}
     for key, value in table.items():
-        if key == "method":
-            if value not in METHODS:
-                raise UsageError(f"{where}: field 'method': '{value}' (expected one of {', '.join(METHODS)})")
-            changes[key] = value
-        elif key == "layers":
-            changes[key] = parse_layers(
-                ",".join(map(str, value)) if isinstance(value, list) else value, where
-            )
+        if key == "layers":
+            changes[key] = _layers(where, value)
         elif key in top and key != "values":
             changes[key] = _typed(where, key, value, getattr(base, key))
-        elif key == "mpes":
-            if not isinstance(value, bool):
-                raise UsageError(f"{where}: field 'mpes': expected true or false")
-            vchanges[key] = value
         elif key in val:
             vchanges[key] = _typed(where, key, value, getattr(base.values, key))
         else:
@@ -84,6 +115,17 @@ def edit_config_from(table: dict, where: str, base: EditConfig | None = None) ->
                 f"{where}: unknown field '{key}' (expected one of: {', '.join(sorted((set(top) | val) - {'values'}))})"
             )
     return dataclasses.replace(base, **changes, values=dataclasses.replace(base.values, **vchanges))
+
+
+def check_edit_config(cfg: Any, where: str = "cfg") -> EditConfig:
+    """An `EditConfig` built in Python (the API's `cfg=`) checked field by field like a TOML [edit] table."""
+    if not isinstance(cfg, EditConfig):
+        raise UsageError(f"{where}: expected an EditConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg.values, ValueHParams):
+        raise UsageError(f"{where}: field 'values': expected a ValueHParams, got {type(cfg.values).__name__}")
+    table = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EditConfig) if f.name != "values"}
+    table.update({f.name: getattr(cfg.values, f.name) for f in dataclasses.fields(ValueHParams)})
+    return edit_config_from(table, where)
 
 
 def load_toml(path: str | Path) -> dict:
@@ -158,17 +200,32 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _gate_value(v: Any) -> bool:
+    """A gate in a table: a number, or 'off'/false/None (a quoted number is a string, not a threshold)."""
+    if v is None or v is False or v == "off":
+        return True
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _device(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v.strip()) is not None
+
+
 RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model": ("a model name or path (string)", _str),
     "edits": ("a file path (string)", _str),
     "targets": (
         "a string or a list of strings",
-        lambda v: _str(v) or (isinstance(v, list) and all(map(_str, v))),
+        lambda v: _str(v) or (isinstance(v, (list, tuple)) and all(map(_str, v))),
     ),
     "out": ("a directory path (string)", _str),
     "gates": (
         "a table of NAME = number/'off', or a list of 'NAME=VALUE' strings",
-        lambda v: isinstance(v, dict) or (isinstance(v, list) and all(map(_str, v))) or _str(v),
+        lambda v: (
+            (isinstance(v, dict) and all(map(_gate_value, v.values())))
+            or (isinstance(v, (list, tuple)) and all(map(_str, v)))
+            or _str(v)
+        ),
     ),
     "batch_size": ("an integer ≥ 1", _count),
     "corpus": ("a file or directory path (string)", _str),
@@ -181,7 +238,7 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         lambda v: isinstance(v, str) and v.lower() in PROTECT_CHOICES,
     ),
     "baseline": ("true or false", lambda v: isinstance(v, bool)),
-    "device": ("'cpu' or 'cuda' (string)", _str),
+    "device": ("'cpu', 'cuda' or 'cuda:N'", _device),
     "harden": ("true or false", lambda v: isinstance(v, bool)),
     "generation": ("true or false", lambda v: isinstance(v, bool)),
 }
@@ -214,3 +271,16 @@ def run_table(path: str | Path) -> dict[str, Any]:
 def _resolve(value: str, base: Path) -> str:
     p = Path(value).expanduser()
     return value if p.is_absolute() else str(base / p)
+
+
+def check_run_values(values: dict[str, Any], where: str) -> None:
+    """Values given to `run`/`edit` in Python (paths may be `Path`s; None: not given), checked like the [run]
+    table's fields, before any work starts."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        expected, ok = RUN_FIELDS[key]
+        if not ok(value):
+            raise UsageError(f"{where}: field '{key}': expected {expected}, got {value!r}")

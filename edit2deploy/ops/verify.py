@@ -212,6 +212,8 @@ def verify(
     model_dir = resolve_model_dir(model)
     requests = requests_from(edits, limit) if edits is not None else ledger_requests(model_dir, "edits")
     ledger = Ledger.load(model_dir)
+    if ledger is not None:  # scores of weights the ledger does not describe would be reported as the edit's
+        ledger.check_weights(model_dir, "verify")
     reference = CachedScorer(torch_factory(model_dir, device))
     base_reference = base_art = None
     if ledger is not None:

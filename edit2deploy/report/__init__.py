@@ -11,7 +11,7 @@ import importlib.resources
 import json
 from pathlib import Path
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, kill_point
 from .html import render_html
 from .markdown import render_markdown
 from .text import SUMMARY_HEADERS, summary_rows
@@ -38,6 +38,7 @@ def write_reports(doc: dict, out: Path | str) -> dict[str, Path]:
     for key, path in paths.items():
         with atomic_file(path, "w") as fh:
             fh.write(texts[key])
+        kill_point("report")  # between two reports: each is whole, the set may be mixed until the rerun
     return paths
 
 
