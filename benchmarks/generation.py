@@ -8,6 +8,7 @@ unedited, and the paired baseline. Prints both side by side.
 
     cd benchmarks && python generation.py --data counterfact --split val --n 100 --batch-size 25
     cd benchmarks && python generation.py --data zsre --n 100 --batch-size 25
+    cd benchmarks && python generation.py --n 100 --set chat_contexts=off   # text contexts only
 
 Statistics: WikiText-2 (100,000 tokens), as in counterfact.py.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from _common import COUNTERFACT, DATA, WIKITEXT, machine, print_table, write_json
 
 import edit2deploy
+from edit2deploy.ops.settings import edit_config
 from edit2deploy.requests import load_requests
 
 ZSRE = DATA / "zsre" / "zsre-eval-head.json"
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=100_000)
     ap.add_argument("--out", default=None, help="run directory (default: out/generation-<data>-<offset>-<n>)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an [edit] setting")
     args = ap.parse_args()
     source = ZSRE if args.data == "zsre" else COUNTERFACT / f"counterfact-{args.split}.json"
     requests = load_requests(source, limit=args.n, offset=args.offset)
@@ -64,6 +67,7 @@ def main() -> None:
         corpus=WIKITEXT,
         n_tokens=args.n_tokens,
         batch_size=args.batch_size,
+        cfg=edit_config(sets=args.set),
         gates={"survival": None, "specificity_drop": None},
     )
     seconds = time.perf_counter() - t

@@ -17,6 +17,7 @@ from ..arch import Architecture
 from ..errors import NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
+from .chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES, chat_contexts_wanted, chat_templates
 from .keys import KeyPasses, context_templates
 from .neighbours import neighbour_requests
 from .retry import resolve_failed
@@ -74,6 +75,11 @@ class EditConfig:
     # alphaedit stays as published): subjects asked about in fact prompts use the null space about twice as much as
     # running text, so without them an edit also moves other names (RESULTS.md, stop 25).
     preserve_names: bool = True
+    # Chat contexts (methods/chat.py): "auto" = on when the model has a chat template; resolved to "on"/"off"
+    # in the recorded config. `chat_keys`: "separate" gives each fact a second key column (its chat contexts'
+    # mean key, solved toward the same residual), "shared" mixes them into the one key.
+    chat_contexts: str = "off"
+    chat_keys: str = "separate"
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -218,12 +224,24 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int) -> EditConfig:
-    """`cfg` as an edit applies and records it: the architecture's default layers and the method's MPES
-    default filled in. A later run compares its own resolved config with the recorded one to reuse an edit."""
+def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int, has_chat_template: bool) -> EditConfig:
+    """`cfg` as an edit applies and records it: the architecture's default layers, the method's MPES default
+    and whether chat contexts are used filled in. A later run compares its own resolved config with the
+    recorded one to reuse an edit."""
     layers = check_layers(cfg.layers or arch.layers_for(n_layers), n_layers)
     mpes = method_spec(cfg.method).mpes if cfg.values.mpes is None else cfg.values.mpes
-    return replace(cfg, layers=layers, values=replace(cfg.values, mpes=mpes))
+    if cfg.chat_keys not in CHAT_KEY_CHOICES:
+        raise UsageError(f"chat_keys: '{cfg.chat_keys}' (expected one of {', '.join(CHAT_KEY_CHOICES)})")
+    if cfg.chat_contexts not in CHAT_CONTEXT_CHOICES:
+        raise UsageError(
+            f"chat_contexts: '{cfg.chat_contexts}' (expected one of {', '.join(CHAT_CONTEXT_CHOICES)})"
+        )
+    if cfg.chat_contexts == "on" and not has_chat_template:
+        raise UsageError(
+            "chat_contexts = on needs a chat template, and this model has none (use auto or off)"
+        )
+    chat = "on" if chat_contexts_wanted(cfg.chat_contexts, has_chat_template) else "off"
+    return replace(cfg, layers=layers, chat_contexts=chat, values=replace(cfg.values, mpes=mpes))
 
 
 class Editor:
@@ -258,10 +276,22 @@ class Editor:
             raise UsageError(
                 "neighbour_null and preserved facts both reshape the null space; use one of them"
             )
-        self.cfg = resolve_config(cfg, lm.arch, lm.num_layers)
+        has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+        self.cfg = resolve_config(cfg, lm.arch, lm.num_layers, has_chat_template=has_template)
+        chat = chat_templates(lm.tokenizer) if self.cfg.chat_contexts == "on" else []
+        if self.cfg.chat_contexts == "on" and not chat:
+            raise UsageError("the model's chat template cannot hold a user message; use chat_contexts = off")
         self.layers = self.cfg.layers
         self.C = stats
-        self.templates = context_templates(prefixes)
+        # Every context of z-optimisation: the text contexts, then (chat_contexts on) the chat contexts.
+        self.text_templates = context_templates(prefixes)
+        self.templates = self.text_templates + chat
+        # Where the chat contexts' own key columns start (None: one key per fact)
+        self.chat_from = (
+            len(self.text_templates)
+            if self.cfg.chat_contexts == "on" and self.cfg.chat_keys == "separate"
+            else None
+        )
         self.state = state or {}
         for li in self.layers:
             if li not in self.state:
@@ -323,7 +353,9 @@ class Editor:
         originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
-        passes = KeyPasses(lm, requests, self.templates, self.layers[-1], onednn=cfg.values.onednn)
+        passes = KeyPasses(
+            lm, requests, self.templates, self.layers[-1], onednn=cfg.values.onednn, chat_from=self.chat_from
+        )
         near = self._neighbour_passes(requests)
         try:
             for i, li in enumerate(self.layers):
@@ -337,13 +369,15 @@ class Editor:
                 if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
                     z = cur_z + delta.to(cur_z.device)
                 R = (z - cur_z) / (len(self.layers) - i)
+                # With separate chat keys each fact has two key columns, both solved toward its residual.
+                R_cols = R.repeat(1, K.shape[1] // R.shape[1])
                 drift = None
                 if li in self.base:  # earlier batches' W − W0 (this batch has not touched layer li yet)
                     drift = arch.to_out_in(arch.get_weight(lm.model, li).detach().cpu() - self.base[li])
                 state, held = self.state[li], Kn
                 if Kn is not None and cfg.neighbour_null:  # they shape the null space instead of ‖ΔW Kn‖²
                     state, held = self._neighbour_null_state(li, Kn), None
-                dW = self.spec.solve(K.cpu(), R.cpu(), self.C[li], state, cfg, drift, held)
+                dW = self.spec.solve(K.cpu(), R_cols.cpu(), self.C[li], state, cfg, drift, held)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
                         f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"
@@ -380,7 +414,7 @@ class Editor:
         near = neighbour_requests(requests, self.names, cfg.neighbour_names)
         if not near:
             return None
-        passes = KeyPasses(self.lm, near, self.templates, self.layers[-1], onednn=cfg.values.onednn)
+        passes = KeyPasses(self.lm, near, self.text_templates, self.layers[-1], onednn=cfg.values.onednn)
         return passes, (cfg.neighbour_weight * len(requests) / len(near)) ** 0.5
 
     def add_previous_keys(self, keys: dict[int, torch.Tensor]) -> None:

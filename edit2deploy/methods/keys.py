@@ -57,10 +57,16 @@ def context_templates(prefixes: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Located:
-    """A tokenized context with the index of the subject's last token."""
+    """A tokenized context with the index of the subject's last token (its last occurrence: the one a key is
+    read at) and of every occurrence (a chat context that restates the prompt holds the subject twice)."""
 
     ids: list[int]
     subject_last: int
+    subject_lasts: tuple[int, ...] = ()
+
+    @property
+    def occurrences(self) -> tuple[int, ...]:
+        return self.subject_lasts or (self.subject_last,)
 
 
 def locate_subject(tokenizer, text: str, subject_start: int, subject_end: int) -> Located:
@@ -69,22 +75,61 @@ def locate_subject(tokenizer, text: str, subject_start: int, subject_end: int) -
     Uses character offsets, so it works whether or not the tokenizer prepends BOS and however the
     subject's first/last characters merge with their neighbours.
     """
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    last = None
-    for i, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and s < subject_end and e > subject_start:
-            last = i
-    if last is None:
-        raise ValueError(f"subject span {subject_start}:{subject_end} not found in tokens of {text!r}")
-    return Located(list(enc["input_ids"]), last)
+    return locate_spans(tokenizer, text, [(subject_start, subject_end)])
+
+
+def locate_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Located:
+    """Tokenize `text` and find the last token overlapping each (start, end) character span."""
+    # A text that already opens with BOS (a rendered chat template) gets no second one.
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and text.startswith(bos))
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    lasts = []
+    for start, end in spans:
+        last = None
+        for i, (s, e) in enumerate(enc["offset_mapping"]):
+            if e > s and s < end and e > start:
+                last = i
+        if last is None:
+            raise ValueError(f"subject span {start}:{end} not found in tokens of {text!r}")
+        lasts.append(last)
+    return Located(list(enc["input_ids"]), lasts[-1], tuple(lasts) if len(lasts) > 1 else ())
+
+
+def fill_template(template: str, request: EditRequest) -> tuple[str, list[tuple[int, int]]]:
+    """The template with every "{}" replaced by the request's prompt, and the subject's character span in each."""
+    parts = template.split("{}")
+    text, spans = parts[0], []
+    for part in parts[1:]:
+        start = len(text) + request.prompt.index("{}")
+        spans.append((start, start + len(request.subject)))
+        text += request.text + part
+    return text, spans
 
 
 def locate_in_template(tokenizer, template: str, request: EditRequest) -> Located:
-    """The request's prompt placed in a context template, with its subject located."""
-    prefix = template[: template.index("{}")]
-    text = template.replace("{}", request.text, 1)
-    start = len(prefix) + request.prompt.index("{}")
-    return locate_subject(tokenizer, text, start, start + len(request.subject))
+    """The request's prompt placed in a context template (at each "{}"), with its subject located."""
+    text, spans = fill_template(template, request)
+    return locate_spans(tokenizer, text, spans)
+
+
+def answer_follows_prompt(template: str) -> bool:
+    """Whether the answer continues the prompt's text (" Rome", after a space) or opens the assistant's reply
+    ("Rome", right after the chat template's assistant header)."""
+    return template.endswith("{}")
+
+
+def key_columns(k: torch.Tensor, chat_from: int | None = None) -> torch.Tensor:
+    """Keys (columns, d_in) from per-context keys k (n, contexts, d_in), the bare prompt's first.
+
+    k = ½·k(bare) + ½·mean(k over the other contexts). With `chat_from`, the contexts from that index on (chat
+    contexts) are left out of it and give each request a second column, their mean: n text keys, then n chat keys.
+    """
+    text = k[:, :chat_from] if chat_from is not None else k
+    keys = 0.5 * text[:, 0] + 0.5 * text[:, 1:].mean(1) if text.shape[1] > 1 else text[:, 0]
+    if chat_from is None:
+        return keys
+    return torch.cat([keys, k[:, chat_from:].mean(1)], dim=0)
 
 
 class KeyPasses:
@@ -103,9 +148,12 @@ class KeyPasses:
         templates: Sequence[str],
         z_layer: int,
         onednn: bool = True,
+        chat_from: int | None = None,
     ):
         self.lm, self.n_req, self.n_t, self.z_layer = lm, len(requests), len(templates), z_layer
         self.onednn = onednn
+        # Templates from `chat_from` on are chat contexts with a key column of their own (`key_columns`).
+        self.chat_from = chat_from if chat_from is not None and chat_from < len(templates) else None
         self.device = next(lm.model.parameters()).device
         self.located = [locate_in_template(lm.tokenizer, t, r) for r in requests for t in templates]
         self.buckets = length_buckets([x.subject_last + 1 for x in self.located])
@@ -118,7 +166,7 @@ class KeyPasses:
 
     @torch.no_grad()
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (d_in, n) at `layer`, averaged ½ bare / ½ prefixed, and the z-layer block output (d, n) at the
+        """K (d_in, n) at `layer` (`key_columns`: (d_in, 2n) with separate chat keys), and the z-layer block output (d, n) at the
         subject's last token of the bare prompt, on the model as it is now."""
         model, arch, dev = self.lm.model, self.lm.arch, self.device
         if self.resume_block is not None and layer < self.resume_block:
@@ -136,8 +184,7 @@ class KeyPasses:
         with frozen_linears_on_onednn(run if self.onednn else []):
             self._pass(layer, k_all, h_all, next_h)
         self.resume_block, self.resume_h = layer, next_h
-        k = k_all.reshape(self.n_req, self.n_t, -1)
-        keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if self.n_t > 1 else k[:, 0]
+        keys = key_columns(k_all.reshape(self.n_req, self.n_t, -1), self.chat_from)
         h = h_all.reshape(self.n_req, self.n_t, -1)[:, 0]
         return keys.T.contiguous(), h.T.contiguous()
 

@@ -29,7 +29,7 @@ from ..models import LoadedModel
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
-from .keys import locate_in_template, locate_subject
+from .keys import answer_follows_prompt, locate_in_template, locate_subject
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,13 @@ class Row:
     is_bare: bool
     is_true: bool = False  # scores target_true (for the margin), not optimised toward
     context: int = 0  # template index
+    subject_cols: tuple[
+        int, ...
+    ] = ()  # every occurrence of the subject (δ goes to each); () = (subject_last,)
+
+    @property
+    def delta_cols(self) -> tuple[int, ...]:
+        return self.subject_cols or (self.subject_last,)
 
 
 def build_rows(
@@ -120,25 +127,28 @@ def build_rows(
     tok = lm.tokenizer
     rows: list[Row] = []
     for ri, r in enumerate(requests):
-        answers = [(continuation(r.target_new), False)]
+        answers = [(r.target_new, False)]
         if with_true and r.target_true:
-            answers.append((continuation(r.target_true), True))
-        for text, is_true in answers:
-            target = tok(text, add_special_tokens=False)["input_ids"]
+            answers.append((r.target_true, True))
+        for answer, is_true in answers:
             for ti, t in enumerate(templates):
+                text = continuation(answer) if answer_follows_prompt(t) else answer.lstrip()
+                target = tok(text, add_special_tokens=False)["input_ids"]
                 loc = locate_in_template(tok, t, r)
                 cols = [len(loc.ids) - 1 + j for j in range(len(target))]
+                first = loc.occurrences[0]  # the prefix cache splits here; δ goes to every occurrence
                 rows.append(
                     Row(
                         ri,
                         loc.ids + target[:-1],
-                        loc.subject_last,
+                        first,
                         cols,
                         list(target),
                         False,
                         ti == 0,
                         is_true,
                         ti,
+                        loc.occurrences if len(loc.occurrences) > 1 else (),
                     )
                 )
         loc = locate_subject(tok, f"{r.subject} is a", 0, len(r.subject))
@@ -307,9 +317,12 @@ class _Batch:
         rows, dev = self.rows, self.device
         inputs, width = self._suffix_inputs(sel)
         idx = torch.tensor(sel, device=dev)
-        local = torch.arange(len(sel), device=dev)
-        subj = torch.tensor([self.suffix_col(i, rows[i].subject_last) for i in sel], device=dev)
-        owner = torch.tensor([rows[i].owner for i in sel], device=dev)
+        at = [
+            (j, self.suffix_col(i, c), rows[i].owner) for j, i in enumerate(sel) for c in rows[i].delta_cols
+        ]
+        local = torch.tensor([a[0] for a in at], device=dev)
+        subj = torch.tensor([a[1] for a in at], device=dev)
+        owner = torch.tensor([a[2] for a in at], device=dev)
         top = self.suffix_h[idx, :width]
 
         def with_delta() -> torch.Tensor:

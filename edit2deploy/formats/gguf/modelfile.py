@@ -19,6 +19,8 @@ import json
 import re
 from pathlib import Path
 
+from edit2deploy.models import read_chat_template
+
 CHATML_GO_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
     "{{ .Content }}<|im_end|>\n"
@@ -34,20 +36,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
-
-
-def read_chat_template(model_dir: Path | str) -> str | None:
-    """The model's Jinja chat template (`chat_template.jinja`, or `tokenizer_config.json`'s `chat_template`)."""
-    model_dir = Path(model_dir)
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = _tokenizer_config(model_dir)
-    tpl = cfg.get("chat_template")
-    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-        tpl = named.get("default") or next(iter(named.values()), None)
-    return tpl if isinstance(tpl, str) else None
 
 
 def read_eos(model_dir: Path | str) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edit2deploy.errors import UsageError
+from edit2deploy.models import read_chat_template
 from edit2deploy.scoring import Scored, pad_id
 
 GENAI_CONFIG = "genai_config.json"
@@ -96,16 +97,6 @@ def genai_config(model_dir: Path | str, provider: str = "cpu", threads: int | No
     n = threads or default_threads()
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": n}}}}))
     return cfg
-
-
-def chat_template(model_dir: Path) -> str | None:
-    """The Jinja chat template a model directory ships (`chat_template.jinja`, or `tokenizer_config.json`'s)."""
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = model_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) and template.strip() else None
 
 
 class GenAIScorer:
@@ -180,7 +171,7 @@ class GenAIScorer:
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
         """Greedy reply through the chat template onnxruntime-genai reads from the model directory; None when the
         directory's tokenizer has none."""
-        template = chat_template(self.model_dir)
+        template = read_chat_template(self.model_dir)
         if template is None:
             return None
         text = self.tokenizer.apply_chat_template(

@@ -1,0 +1,141 @@
+"""Chat contexts of editing (methods/chat.py): the prompt as the user's message in the model's own chat template,
+the answer as the assistant's first word or after a restatement; δ at every subject occurrence (exact under the
+prefix cache); a second key column per fact; `chat_contexts` resolved and recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edit2deploy.errors import UsageError
+from edit2deploy.methods import EditConfig, Editor
+from edit2deploy.methods.chat import chat_contexts_wanted, chat_templates
+from edit2deploy.methods.keys import (
+    KeyPasses,
+    answer_follows_prompt,
+    context_templates,
+    key_columns,
+    locate_in_template,
+)
+from edit2deploy.methods.values import ValueHParams, build_rows, optimise_values
+from edit2deploy.models import open_model
+from edit2deploy.requests import EditRequest
+
+REQUESTS = [
+    EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", id="a"),
+    EditRequest(
+        prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", id="b"
+    ),
+]
+
+
+def test_smollm2_chat_templates_put_the_prompt_in_the_user_turn(smollm2):
+    tok = smollm2.tokenizer
+    reply, restated = chat_templates(tok)
+    assert reply.count("{}") == 1 and restated.count("{}") == 2
+    assert reply.endswith("<|im_start|>assistant\n") and restated == reply + "{}"
+    # the same text the generation probes send (the model's template, its default system prompt)
+    r = REQUESTS[0]
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": r.text}], add_generation_prompt=True, tokenize=False
+    )
+    assert reply.replace("{}", r.text) == rendered
+    assert not answer_follows_prompt(reply) and answer_follows_prompt(restated)
+    assert answer_follows_prompt("{}") and answer_follows_prompt("The weather. {}")
+
+
+def test_chat_rows_locate_every_subject_and_open_the_reply_with_the_answer(smollm2):
+    tok = smollm2.tokenizer
+    reply, restated = chat_templates(tok)
+    r = REQUESTS[0]
+    loc = locate_in_template(tok, restated, r)
+    assert len(loc.occurrences) == 2 and loc.subject_last == loc.occurrences[1]
+    for pos in loc.occurrences:
+        assert tok.decode(loc.ids[pos]).strip() == "Tower"
+    rows = build_rows(smollm2, [r], ["{}", reply, restated])
+    bare, rep, res, kl = rows
+    assert tok.decode(rep.target_ids) == "Rome"  # the reply's first word: no leading space
+    assert tok.decode(res.target_ids) == " Rome"  # after the restated prompt: a continuation
+    assert tok.decode(rep.ids[rep.target_cols[0]]) == "\n"  # predicted right after the assistant header
+    assert res.delta_cols == loc.occurrences and rep.delta_cols == (rep.subject_last,)
+    assert kl.is_kl and bare.is_bare
+
+
+def test_chat_contexts_setting():
+    assert chat_contexts_wanted("auto", True) and not chat_contexts_wanted("auto", False)
+    assert chat_contexts_wanted("on", False) and not chat_contexts_wanted("off", True)
+    with pytest.raises(ValueError):
+        chat_contexts_wanted("yes", True)
+
+
+def test_key_columns_separate_chat_keys():
+    k = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(
+        2, 4, 3
+    )  # 2 facts, contexts: bare, 1 text, 2 chat
+    shared = key_columns(k)
+    assert torch.allclose(shared, 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1))
+    sep = key_columns(k, chat_from=2)
+    assert sep.shape == (4, 3)
+    assert torch.allclose(sep[:2], 0.5 * k[:, 0] + 0.5 * k[:, 1])
+    assert torch.allclose(sep[2:], k[:, 2:].mean(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2"])
+def test_prefix_cache_is_exact_with_two_subject_occurrences(tiny_model_dir, family):
+    """δ goes to both subjects of the restated context; steps from the first subject on (the prefix cache)
+    equal whole-row steps."""
+    lm = open_model(tiny_model_dir(family, layers=4))
+    templates = context_templates(["The weather"]) + chat_templates(lm.tokenizer)
+    hp = ValueHParams(lr=0.05, max_steps=4, mpes=True, dtype="float32")
+    cached = optimise_values(lm, REQUESTS, templates, 2, hp, quiet=True)
+    whole = optimise_values(
+        lm, REQUESTS, templates, 2, dataclasses.replace(hp, prefix_cache=False), quiet=True
+    )
+    assert cached.steps == whole.steps and cached.converged == whole.converged
+    assert cached.delta.abs().max() > 1e-3
+    assert torch.allclose(cached.z, whole.z, atol=1e-5, rtol=1e-5)
+
+
+def _identity_stats(lm, layers):
+    d_in = lm.arch.to_out_in(lm.arch.get_weight(lm.model, 0)).shape[1]
+    return {li: torch.eye(d_in, dtype=torch.float64) for li in layers}
+
+
+@pytest.mark.parametrize("chat_keys, columns", [("separate", 4), ("shared", 2)])
+def test_editor_with_chat_contexts(tiny_model_dir, chat_keys, columns):
+    """The editor adds the chat contexts to z-optimisation and records chat_contexts resolved to "on". With
+    separate keys each fact has two key columns solved toward the same residual: the text column is the bare
+    prompt's key here (no prefixes), so after the last layer's solve (MEMIT with a vanishing λ_p
+    interpolates) the z layer's output at the bare prompt's subject is z."""
+    lm = open_model(tiny_model_dir("llama"))
+    layers = (0, 1)
+    hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0, dtype="float32")
+    cfg = EditConfig(
+        method="memit", layers=layers, lambda_p=1e-8, values=hp, chat_contexts="auto", chat_keys=chat_keys
+    )
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=[], quiet=True)
+    assert editor.cfg.chat_contexts == "on" and len(editor.templates) == 3
+    z = editor.optimise(REQUESTS).z
+    report = editor.apply_batch(REQUESTS)
+    for li in layers:
+        assert report.keys[li].shape[1] == columns
+    _, h_after = KeyPasses(lm, REQUESTS, ["{}"], 1)(1)
+    reached = torch.allclose(h_after, z, atol=1e-3 * z.abs().max())
+    assert reached == (chat_keys == "separate")  # one averaged key: the bare prompt gets only part of z
+
+
+def test_editor_chat_contexts_off_and_on_without_a_template(tiny_model_dir, tmp_path):
+    lm = open_model(tiny_model_dir("llama"))
+    off = Editor(
+        lm, EditConfig(layers=(0, 1), chat_contexts="off"), _identity_stats(lm, (0, 1)), [], quiet=True
+    )
+    assert off.cfg.chat_contexts == "off" and off.templates == ["{}"] and off.chat_from is None
+    lm.tokenizer.chat_template = None
+    auto = Editor(
+        lm, EditConfig(layers=(0, 1), chat_contexts="auto"), _identity_stats(lm, (0, 1)), [], quiet=True
+    )
+    assert auto.cfg.chat_contexts == "off"
+    with pytest.raises(UsageError, match="chat template"):
+        Editor(lm, EditConfig(layers=(0, 1), chat_contexts="on"), _identity_stats(lm, (0, 1)), [], quiet=True)
