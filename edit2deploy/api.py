@@ -11,10 +11,12 @@ preds = edit2deploy.predict("out/run/model", "Q4_K_M:none,onnx:int4")   # torch-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .formats import Target
 from .methods import EditConfig
 from .ops import edit as _edit
@@ -40,6 +42,10 @@ def run(
     log = kwargs.pop("log", None)
     if kwargs.get("cfg") is None:
         kwargs.pop("cfg", None)
+    known = {f.name for f in dataclasses.fields(_run.RunConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UsageError(f"run: unknown argument(s) {unknown} (expected: {', '.join(sorted(known))})")
     return _run.run(_run.RunConfig(model, edits, targets, out, **kwargs), log=log)
 
 

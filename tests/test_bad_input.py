@@ -371,6 +371,7 @@ API_CASES = {
     "edit lr nan": ("edit", {"cfg": EditConfig(values=ValueHParams(lr=float("nan")))}, "cfg: field 'lr'"),
     "edit layers strings": ("edit", {"cfg": EditConfig(layers=("a",))}, "field 'layers'"),
     "edit limit 0": ("edit", {"limit": 0}, "field 'limit'"),
+    "run unknown argument": ("run", {"n_token": 400}, "unknown argument(s) ['n_token']"),
 }
 
 
@@ -391,6 +392,15 @@ def test_python_api_rejects_the_same_mistakes_before_any_work(name, ws, tmp_path
             edit2deploy.edit(str(ws["model"]), ws["edits"], out, quiet=True, **kwargs)
     assert fragment in str(exc.value) and time.perf_counter() - t < 5
     assert not (tmp_path / "cache" / "stats").exists() and not out.exists()
+
+
+def test_verify_gates_mapping_takes_numbers_only(ws):
+    from edit2deploy.ops.verify import verify
+
+    with pytest.raises(
+        UsageError, match="gates: field 'survival': expected a number ≥ 0 or 'off', got '0.9'"
+    ):
+        verify(ws["artifact"], ws["edited"], gates={"survival": "0.9"})
 
 
 # ---------------------------------------------------------------- duplicates and conflicts

@@ -200,7 +200,7 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def _gate_value(v: Any) -> bool:
+def gate_value_ok(v: Any) -> bool:
     """A gate in a table: a number, or 'off'/false/None (a quoted number is a string, not a threshold)."""
     if v is None or v is False or v == "off":
         return True
@@ -222,7 +222,7 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "gates": (
         "a table of NAME = number/'off', or a list of 'NAME=VALUE' strings",
         lambda v: (
-            (isinstance(v, dict) and all(map(_gate_value, v.values())))
+            (isinstance(v, dict) and all(map(gate_value_ok, v.values())))
             or (isinstance(v, (list, tuple)) and all(map(_str, v)))
             or _str(v)
         ),

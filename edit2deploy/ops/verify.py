@@ -30,6 +30,7 @@ from .scores import (
     scores_store,
     torch_factory,
 )
+from .settings import gate_value_ok
 
 
 def parse_gates(items: Sequence[str] | Mapping[str, Any] | None, base: Gates | None = None) -> Gates:
@@ -37,6 +38,9 @@ def parse_gates(items: Sequence[str] | Mapping[str, Any] | None, base: Gates | N
     if items is None:
         return base or Gates()
     if isinstance(items, Mapping):
+        bad = next((k for k, v in items.items() if not gate_value_ok(v)), None)
+        if bad is not None:  # a quoted number is a string, not a threshold
+            raise UsageError(f"gates: field '{bad}': expected a number ≥ 0 or 'off', got {items[bad]!r}")
         items = [f"{k}={'off' if v is None or v is False else v}" for k, v in items.items()]
     return Gates.parse([str(i) for i in items], base)
 
