@@ -326,6 +326,7 @@ def test_bad_input_is_one_line_exit_2_before_any_work(name, ws, tmp_path, monkey
     lines = err.strip().splitlines()
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("edit2deploy: error: "), err
+    print(f"\n{name} | {lines[0]}")  # with -s: the table of inputs and messages
     for fragment in fragments:
         assert _fill(fragment, values) in lines[0], lines[0]
     assert "Traceback" not in err and "internal error" not in err
