@@ -103,12 +103,12 @@ def _identity_stats(lm, layers):
     return {li: torch.eye(d_in, dtype=torch.float64) for li in layers}
 
 
-@pytest.mark.parametrize("chat_keys, columns", [("separate", 4), ("shared", 2)])
+@pytest.mark.parametrize("chat_keys, columns", [("separate", 4), ("shared", 2), ("own", 4)])
 def test_editor_with_chat_contexts(tiny_model_dir, chat_keys, columns):
     """The editor adds the chat contexts to z-optimisation and records chat_contexts resolved to "on". With
-    separate keys each fact has two key columns solved toward the same residual: the text column is the bare
-    prompt's key here (no prefixes), so after the last layer's solve (MEMIT with a vanishing λ_p
-    interpolates) the z layer's output at the bare prompt's subject is z."""
+    separate (or own) keys each fact has two key columns: the text column is the bare prompt's key here (no
+    prefixes), so after the last layer's solve (MEMIT with a vanishing λ_p interpolates) the z layer's output at
+    the bare prompt's subject is z (with `own`: the text contexts' z)."""
     lm = open_model(tiny_model_dir("llama"))
     layers = (0, 1)
     hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0, dtype="float32")
@@ -117,13 +117,23 @@ def test_editor_with_chat_contexts(tiny_model_dir, chat_keys, columns):
     )
     editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=[], quiet=True)
     assert editor.cfg.chat_contexts == "on" and len(editor.templates) == 3
-    z = editor.optimise(REQUESTS).z
+    values = editor.optimise(REQUESTS)
+    assert values.z.shape[1] == (4 if chat_keys == "own" else 2)  # `own`: the chat contexts' δ too
+    z = values.z[:, :2]
+    chat_passes = KeyPasses(lm, REQUESTS, editor.templates, 1, chat_from=editor.chat_from, chat_outputs=True)
+    if chat_keys == "own":  # before the edit: h (the chat contexts' mean) + δ_chat
+        chat_target = chat_passes(1)[1][:, 2:] + values.delta[:, 2:]
     report = editor.apply_batch(REQUESTS)
     for li in layers:
         assert report.keys[li].shape[1] == columns
     _, h_after = KeyPasses(lm, REQUESTS, ["{}"], 1)(1)
     reached = torch.allclose(h_after, z, atol=1e-3 * z.abs().max())
-    assert reached == (chat_keys == "separate")  # one averaged key: the bare prompt gets only part of z
+    assert reached == (chat_keys != "shared")  # one averaged key: the bare prompt gets only part of z
+    if chat_keys == "own":  # the chat contexts' mean output at the subject moves by their own δ
+        _, h_chat = KeyPasses(
+            lm, REQUESTS, editor.templates, 1, chat_from=editor.chat_from, chat_outputs=True
+        )(1)
+        assert torch.allclose(h_chat[:, 2:], chat_target, atol=1e-3 * chat_target.abs().max())
 
 
 def test_editor_chat_contexts_off_and_on_without_a_template(tiny_model_dir, tmp_path):

@@ -6,14 +6,15 @@ sentence. With chat contexts on, z-optimisation (and MPES's stop rule) also asks
 - `reply`: as the assistant's first word ("<user>{}<end><assistant>Rome");
 - `restated`: after the assistant repeats the prompt ("<user>{}<end><assistant>{} Rome"), δ at both subjects;
 
-and the keys are read where the subject sits in them (`chat_keys`: a second key column per fact, or mixed
-into the one key). Which mix works, and what it costs: docs/method.md, "Chat contexts".
+and the keys are read where the subject sits in them (`chat_keys`): a second key column per fact solved toward the
+same target value (`separate`), one key mixing both (`shared`), or a second key column with a target value of its
+own, optimised on the chat contexts alone (`own`), so the text key keeps the small δ the text contexts need. Which mix works, and what it costs: docs/method.md, "Chat contexts".
 """
 
 from __future__ import annotations
 
 CHAT_CONTEXT_CHOICES = ("auto", "on", "off")
-CHAT_KEY_CHOICES = ("separate", "shared")
+CHAT_KEY_CHOICES = ("separate", "shared", "own")
 CHAT_CONTEXT_KINDS = ("reply", "restated")
 
 # Stands for the prompt while the template is rendered: plain letters, which no template trims or escapes.

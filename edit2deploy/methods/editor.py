@@ -289,9 +289,11 @@ class Editor:
         # Where the chat contexts' own key columns start (None: one key per fact)
         self.chat_from = (
             len(self.text_templates)
-            if self.cfg.chat_contexts == "on" and self.cfg.chat_keys == "separate"
+            if self.cfg.chat_contexts == "on" and self.cfg.chat_keys in ("separate", "own")
             else None
         )
+        # `own`: the chat key column gets a target value of its own (δ from the chat contexts alone)
+        self.own_chat_values = self.chat_from is not None and self.cfg.chat_keys == "own"
         self.state = state or {}
         for li in self.layers:
             if li not in self.state:
@@ -315,14 +317,27 @@ class Editor:
             }
 
     def optimise(self, requests: Sequence[EditRequest]) -> ValueResult:
-        """Target values z = h + δ for every request (in groups of `values.group`, default all at once)."""
+        """Target values z = h + δ for every request (in groups of `values.group`, default all at once). With
+        `chat_keys = "own"`, δ is (d, 2n): the text contexts' δ, then the chat contexts' own δ."""
+        if not self.own_chat_values:
+            return self._optimise(requests, self.templates)
+        text = self._optimise(requests, self.text_templates)
+        chat = self._optimise(requests, self.templates[len(self.text_templates) :])
+        return ValueResult(
+            z=torch.cat([text.z, chat.z], dim=1),
+            delta=torch.cat([text.delta, chat.delta], dim=1),
+            steps=[a + b for a, b in zip(text.steps, chat.steps)],
+            converged=[a and b for a, b in zip(text.converged, chat.converged)],
+        )
+
+    def _optimise(self, requests: Sequence[EditRequest], templates: Sequence[str]) -> ValueResult:
         cfg = self.cfg
         group = cfg.values.group or len(requests)
         parts = [
             optimise_values(
                 self.lm,
                 requests[i : i + group],
-                self.templates,
+                templates,
                 self.layers[-1],
                 cfg.values,
                 quiet=self.quiet,
@@ -354,7 +369,13 @@ class Editor:
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
         passes = KeyPasses(
-            lm, requests, self.templates, self.layers[-1], onednn=cfg.values.onednn, chat_from=self.chat_from
+            lm,
+            requests,
+            self.templates,
+            self.layers[-1],
+            onednn=cfg.values.onednn,
+            chat_from=self.chat_from,
+            chat_outputs=self.own_chat_values,
         )
         near = self._neighbour_passes(requests)
         try:
@@ -369,7 +390,8 @@ class Editor:
                 if i == 0:  # nothing of this batch applied yet: cur_z is h in full precision
                     z = cur_z + delta.to(cur_z.device)
                 R = (z - cur_z) / (len(self.layers) - i)
-                # With separate chat keys each fact has two key columns, both solved toward its residual.
+                # With separate chat keys each fact has two key columns, both solved toward its residual
+                # (with `own` chat values R already has a column per key).
                 R_cols = R.repeat(1, K.shape[1] // R.shape[1])
                 drift = None
                 if li in self.base:  # earlier batches' W − W0 (this batch has not touched layer li yet)

@@ -149,11 +149,14 @@ class KeyPasses:
         z_layer: int,
         onednn: bool = True,
         chat_from: int | None = None,
+        chat_outputs: bool = False,
     ):
         self.lm, self.n_req, self.n_t, self.z_layer = lm, len(requests), len(templates), z_layer
         self.onednn = onednn
         # Templates from `chat_from` on are chat contexts with a key column of their own (`key_columns`).
         self.chat_from = chat_from if chat_from is not None and chat_from < len(templates) else None
+        # With `chat_outputs`, the z-layer outputs get the chat columns too (the mean over the chat contexts).
+        self.chat_outputs = chat_outputs
         self.device = next(lm.model.parameters()).device
         self.located = [locate_in_template(lm.tokenizer, t, r) for r in requests for t in templates]
         self.buckets = length_buckets([x.subject_last + 1 for x in self.located])
@@ -185,7 +188,12 @@ class KeyPasses:
             self._pass(layer, k_all, h_all, next_h)
         self.resume_block, self.resume_h = layer, next_h
         keys = key_columns(k_all.reshape(self.n_req, self.n_t, -1), self.chat_from)
-        h = h_all.reshape(self.n_req, self.n_t, -1)[:, 0]
+        h_ctx = h_all.reshape(self.n_req, self.n_t, -1)
+        h = h_ctx[:, 0]
+        if (
+            self.chat_outputs and self.chat_from is not None
+        ):  # the chat column's own output: its contexts' mean
+            h = torch.cat([h, h_ctx[:, self.chat_from :].mean(1)], dim=0)
         return keys.T.contiguous(), h.T.contiguous()
 
     def _pass(self, layer: int, k_all: torch.Tensor, h_all: torch.Tensor, next_h: list[torch.Tensor]) -> None:
