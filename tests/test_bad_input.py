@@ -112,6 +112,16 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str | bytes]]] = {
     "not TOML": (EDIT + TOML, ["c.toml: not valid TOML"], toml("[edit\nlr = 0.5\n")),
     "TOML not UTF-8": (EDIT + TOML, ["c.toml: not UTF-8"], {"c.toml": "[edit]\n# café\n".encode("latin-1")}),
     "--config missing": (EDIT + ["--config", "{d}/none.toml"], ["none.toml: file not found"], {}),
+    "[edit] chat_contexts = maybe": (
+        EDIT + TOML,
+        ["c.toml: field 'chat_contexts'", "'maybe'", "auto, on, off"],
+        toml('[edit]\nchat_contexts = "maybe"\n'),
+    ),
+    "--set chat_keys=both": (
+        EDIT + ["--set", "chat_keys=both"],
+        ["--set: field 'chat_keys'", "separate, shared"],
+        {},
+    ),
     "--set dtype=float128": (EDIT + ["--set", "dtype=float128"], ["--set: field 'dtype'", "'float128'"], {}),
     "--set lr=abc": (EDIT + ["--set", "lr=abc"], ["--set: field 'lr'", "expected a number"], {}),
     "--set lr=nan": (EDIT + ["--set", "lr=nan"], ["--set: field 'lr'", "finite"], {}),

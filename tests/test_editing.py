@@ -1386,7 +1386,13 @@ def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):
     recorded = {k: v for k, v in state["preserved"].items() if k != "names"}  # corpus names: their own test
     assert recorded == {"facts": 3, "sha256": facts_digest(load_requests(facts)), "weight": 0.1}
 
-    env2 = {**cli_env, "model": cli_env["out"]}
+    more = (
+        cli_env["tmp"] / "more.jsonl"
+    )  # a fact the edited model does not hold yet (a repeat would be skipped)
+    more.write_text(
+        json.dumps({"prompt": "{} plays the sport of", "subject": "Lionel Messi", "target_new": "chess"})
+    )
+    env2 = {**cli_env, "model": cli_env["out"], "edits": more}
     assert _edit_cli(env2, *common, "--preserved", str(facts), out=cli_env["tmp"] / "o2") == 0
     assert _edit_cli(env2, *common, out=cli_env["tmp"] / "o3") == 0
     assert Ledger.load(cli_env["tmp"] / "o3").state["preserved"] == state["preserved"]
@@ -1398,7 +1404,13 @@ def test_edit_preserved_facts_are_kept_with_the_null_space(cli_env, capsys):
     assert _edit_cli(cli_env, *common, out=plain) == 0
     capsys.readouterr()
     assert (
-        _edit_cli({**cli_env, "model": plain}, *common, "--preserved", str(facts), out=cli_env["tmp"] / "o5")
+        _edit_cli(
+            {**cli_env, "model": plain, "edits": more},
+            *common,
+            "--preserved",
+            str(facts),
+            out=cli_env["tmp"] / "o5",
+        )
         == 2
     )
     assert "first edit" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import UsageError
 from ..formats import PROTECT_CHOICES
 from ..methods import METHODS, EditConfig
+from ..methods.chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES
 from ..methods.values import ValueHParams
 
 
@@ -41,8 +42,8 @@ def parse_layers(text: str, where: str = "--layers") -> tuple[int, ...]:
 STRING_CHOICES: dict[str, tuple[str, ...]] = {
     "method": tuple(METHODS),
     "dtype": ("auto", "float32", "bfloat16"),
-    "chat_contexts": ("auto", "on", "off"),
-    "chat_keys": ("separate", "shared"),
+    "chat_contexts": CHAT_CONTEXT_CHOICES,
+    "chat_keys": CHAT_KEY_CHOICES,
 }
 # Numbers that must be > 0, not only ≥ 0 like every other count and weight: 0 would make the edit a silent no-op.
 POSITIVE_FIELDS = ("lr", "clamp")
