@@ -49,3 +49,9 @@ class InputFileError(UsageError):
 
 class NonFiniteUpdateError(Edit2DeployError):
     """A batch's solve produced NaN/Inf; nothing was applied."""
+
+
+def first_few(items: list[str], shown: int = 3) -> str:
+    """ "a; b; c (and 4 more)": a one-line list for a warning."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .errors import InputFileError, InputProblem, UsageError
+from .errors import InputFileError, InputProblem, UsageError, first_few
 from .models import file_sha256
 from .requests import EditRequest, fact_key
 
@@ -234,10 +234,8 @@ class Ledger:
         if problems:
             raise InputFileError(problems)
         if skipped:
-            more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
             warnings.warn(
-                f"skipped {len(skipped)} request(s) already edited into {model_dir}: "
-                f"{'; '.join(skipped[:3])}{more}",
+                f"skipped {len(skipped)} request(s) already edited into {model_dir}: {first_few(skipped)}",
                 stacklevel=2,
             )
         return out

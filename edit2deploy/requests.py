@@ -12,7 +12,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import InputFileError, InputProblem, UsageError
+from .errors import InputFileError, InputProblem, UsageError, first_few
 
 log = logging.getLogger(__name__)
 
@@ -519,10 +519,7 @@ def merge_duplicates(requests: list[EditRequest], source: str) -> list[EditReque
     if problems:
         raise InputFileError(problems)
     if merged:
-        more = f" (and {len(merged) - 3} more)" if len(merged) > 3 else ""
-        warnings.warn(
-            f"merged {len(merged)} exact duplicate request(s): {'; '.join(merged[:3])}{more}", stacklevel=2
-        )
+        warnings.warn(f"merged {len(merged)} exact duplicate request(s): {first_few(merged)}", stacklevel=2)
     return out
 
 
