@@ -17,7 +17,7 @@ from ..arch import Architecture
 from ..errors import NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
-from .chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES, chat_contexts_wanted, chat_templates
+from .chat import chat_contexts_wanted, chat_templates
 from .keys import KeyPasses, context_templates
 from .neighbours import neighbour_requests
 from .retry import resolve_failed
@@ -230,12 +230,6 @@ def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int, has_chat_
     recorded one to reuse an edit."""
     layers = check_layers(cfg.layers or arch.layers_for(n_layers), n_layers)
     mpes = method_spec(cfg.method).mpes if cfg.values.mpes is None else cfg.values.mpes
-    if cfg.chat_keys not in CHAT_KEY_CHOICES:
-        raise UsageError(f"chat_keys: '{cfg.chat_keys}' (expected one of {', '.join(CHAT_KEY_CHOICES)})")
-    if cfg.chat_contexts not in CHAT_CONTEXT_CHOICES:
-        raise UsageError(
-            f"chat_contexts: '{cfg.chat_contexts}' (expected one of {', '.join(CHAT_CONTEXT_CHOICES)})"
-        )
     if cfg.chat_contexts == "on" and not has_chat_template:
         raise UsageError(
             "chat_contexts = on needs a chat template, and this model has none (use auto or off)"
