@@ -21,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import atomic_path
-from .errors import UsageError
+from .errors import Edit2DeployError, UsageError
 from .forward import StopForward, run_until_stop
 from .models import LoadedModel, cache_root, file_sha256
 from .scoring import document_start, pad_batch, pad_id
@@ -104,9 +105,13 @@ def _file_texts(f: Path) -> Iterator[str]:
 def corpus_token_chunks(
     lm: LoadedModel, corpus: Corpus, n_tokens: int, quiet: bool = False
 ) -> list[list[int]]:
-    """Token id sequences (each ≤ MAX_SEQ_LEN and ≤ the model's context length) totalling about `n_tokens`."""
+    """Token id sequences (each ≤ MAX_SEQ_LEN and ≤ the model's context length) totalling about `n_tokens`.
+
+    Across processes every rank gets the same list: each tokenizes the text corpus itself (deterministic), while
+    generated text is sampled on rank 0 alone and broadcast (sampling on N ranks would cost N times as much)."""
     if corpus.path is None:
-        return generated_token_chunks(lm, n_tokens, quiet=quiet)
+        chunks = generated_token_chunks(lm, n_tokens, quiet=quiet) if distributed.is_main() else None
+        return distributed.broadcast_object(chunks)
     tok = lm.tokenizer
     context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     seq_len = min(MAX_SEQ_LEN, context or MAX_SEQ_LEN)
@@ -273,18 +278,22 @@ def _save_names(path: Path, names: list[str]) -> None:
 def collect_key_stats(
     lm: LoadedModel, layers: Sequence[int], chunks: Sequence[Sequence[int]], quiet: bool = False
 ) -> dict[int, KeyStats]:
-    """One forward pass over `chunks`, hooks on every edited projection; float64 accumulation."""
+    """One forward pass over `chunks`, hooks on every edited projection; float64 accumulation.
+
+    Across processes (`distributed`), rank r runs the chunks i with i % world == r and the float64 sums and
+    token counts are then summed over the ranks, so every rank returns the C of the whole corpus."""
     model, arch = lm.model, lm.arch
     device = next(model.parameters()).device
-    acc: dict[int, torch.Tensor] = {}
+    world, rank = distributed.world_size(), distributed.rank()
+    # Allocated up front: a rank with no chunk of its own still takes part in the sum, with zeros.
+    d_in = {li: arch.to_out_in(arch.get_weight(model, li)).shape[1] for li in layers}
+    acc = {li: torch.zeros(d_in[li], d_in[li], dtype=torch.float64, device=device) for li in layers}
     counts = dict.fromkeys(layers, 0)
     last = max(layers)
 
     def hook_for(layer: int):
         def hook(_module, inputs):
             k = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            if layer not in acc:
-                acc[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=device)
             # One sequence (<= 1,024 tokens) per product in float32; the running sum over the corpus is float64.
             acc[layer] += (k.T @ k).double()
             counts[layer] += k.shape[0]
@@ -293,14 +302,16 @@ def collect_key_stats(
 
         return hook
 
+    mine = [ids for i, ids in enumerate(chunks) if i % world == rank]
     handles = [
         model.get_submodule(arch.mlp_out_name(li)).register_forward_pre_hook(hook_for(li)) for li in layers
     ]
-    total = sum(len(c) for c in chunks)
-    bar = tqdm(total=total, desc="key statistics", unit="tok", disable=quiet)
+    total = sum(len(c) for c in mine)
+    desc = "key statistics" if world == 1 else f"key statistics (rank 0 of {world})"
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=quiet or not distributed.is_main())
     start = time.perf_counter()
     try:
-        for ids in chunks:
+        for ids in mine:
             # The base model only: the edited projections are inside it, and the LM head is not needed.
             run_until_stop(model.base_model, input_ids=torch.tensor([list(ids)], device=device))
             bar.update(len(ids))
@@ -309,6 +320,13 @@ def collect_key_stats(
         for h in handles:
             h.remove()
         bar.close()
+    for li in layers:
+        distributed.all_reduce_sum(acc[li])
+    n = distributed.all_reduce_sum(
+        torch.tensor([counts[li] for li in layers], dtype=torch.float64, device=device)
+    )
+    # exact: token counts are far below 2**53
+    counts = {li: int(c) for li, c in zip(layers, n.tolist(), strict=True)}
     return {li: KeyStats(li, (acc[li] / counts[li]).cpu(), counts[li]) for li in layers}
 
 
@@ -359,24 +377,39 @@ def key_stats(
     n_tokens: int = DEFAULT_N_TOKENS,
     quiet: bool = False,
 ) -> dict[int, KeyStats]:
-    """C for each layer: from the cache where present and valid, else all missing layers in one pass."""
+    """C for each layer: from the cache where present and valid, else all missing layers in one pass.
+
+    Across processes rank 0 alone checks and writes the cache and tells the others which layers to compute; they
+    share the pass (`collect_key_stats`) and wait until rank 0 has written. Every rank returns every layer."""
     bad = [li for li in layers if not 0 <= li < lm.num_layers]
     if bad:
         raise UsageError(
             f"--layers: {bad} out of range (model has {lm.num_layers} layers: 0-{lm.num_layers - 1})"
         )
+    main = distributed.is_main()
     out: dict[int, KeyStats] = {}
-    for li in layers:
-        cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))
-        if cached is not None:
-            out[li] = cached
-    missing = [li for li in layers if li not in out]
+    if main:
+        for li in layers:
+            cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))
+            if cached is not None:
+                out[li] = cached
+    # one list for all ranks, or they would not run the same collectives
+    missing = distributed.broadcast_object([li for li in layers if li not in out] if main else None)
+    if not main:  # the layers rank 0 found cached and checked
+        for li in layers:
+            if li not in missing:
+                cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))
+                if cached is None:
+                    raise Edit2DeployError(f"statistics cache for layer {li} vanished while rank 0 read it")
+                out[li] = cached
     if missing:
         chunks = corpus_token_chunks(lm, corpus, n_tokens, quiet=quiet)
-        if not _names_file(fingerprint, corpus, n_tokens).is_file():  # while the chunks are at hand
-            _save_names(_names_file(fingerprint, corpus, n_tokens), names_in(lm, chunks))
         fresh = collect_key_stats(lm, missing, chunks, quiet=quiet)
-        for li, st in fresh.items():
-            save_cached(_cache_file(fingerprint, li, corpus, n_tokens), st)
-            out[li] = st
+        if main:
+            for li, st in fresh.items():
+                save_cached(_cache_file(fingerprint, li, corpus, n_tokens), st)
+            if not _names_file(fingerprint, corpus, n_tokens).is_file():  # while the chunks are at hand
+                _save_names(_names_file(fingerprint, corpus, n_tokens), names_in(lm, chunks))
+        out.update(fresh)
+        distributed.barrier()  # nobody returns before the cache is complete
     return out

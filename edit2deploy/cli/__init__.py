@@ -33,6 +33,9 @@ COMMANDS: tuple[Callable, ...] = (
     add_demo,
 )
 
+# commands that share their work across processes when launched by torchrun (`edit2deploy.distributed`)
+DISTRIBUTED_COMMANDS = ("stats",)
+
 # loggers of the libraries we drive, which talk at INFO (or print) unless told not to
 NOISY_LOGGERS = (
     "transformers",
@@ -107,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         configure_output(getattr(args, "quiet", False), getattr(args, "verbose", False))
+        if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # N copies would each do the whole job and race on the same outputs
+            raise UsageError(
+                f"only `stats` runs across processes (torchrun); run `{args.command}` as one process"
+            )
         return int(args._handlers[args.command.replace("-", "_")](args) or 0)
     except InputFileError as exc:
         if len(exc.problems) == 1:  # one problem, one line

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable
 
 from ..errors import UsageError
@@ -246,13 +247,39 @@ def add_stats(sub) -> Callable:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """Also runs as N processes under `torchrun --nproc-per-node N -m edit2deploy stats ...`: the ranks share the
+    forward pass (`distributed`); rank 0 alone writes the cache, shows progress and prints."""
+    from .. import distributed
+    from ..models import check_device, resolve_model_dir
     from ..ops.edit import compute_stats
     from ..ops.settings import parse_layers
 
     layers = parse_layers(args.layers) if args.layers else None
-    stats, corpus_id, seconds = compute_stats(
-        args.model, args.corpus, args.n_tokens, layers, args.device, quiet=getattr(args, "quiet", False)
-    )
-    print_table(["layer", "d_in", "tokens"], [[li, s.C.shape[0], s.n_tokens] for li, s in stats.items()])
-    print(f"\nstatistics for layers {list(stats)} ready in {seconds:.1f} s (corpus {corpus_id})")
+    check_device(distributed.rank_device(args.device))  # a usage error before any process group starts
+    with distributed.process_group(args.device) as device:
+        main = distributed.is_main()
+        if not main:
+            warnings.filterwarnings("ignore")  # the same warnings as rank 0's: the user reads them once
+        if distributed.world_size() > 1:
+            # a built-in name or a .gguf is converted into the cache on first use: rank 0 converts, the others
+            # wait (N ranks converting into the same cache entry at once would replace it under each other)
+            if main:
+                resolve_model_dir(args.model)
+            distributed.barrier()
+        stats, corpus_id, seconds = compute_stats(
+            args.model,
+            args.corpus,
+            args.n_tokens,
+            layers,
+            device,
+            quiet=getattr(args, "quiet", False) or not main,
+        )
+        if main:
+            print_table(
+                ["layer", "d_in", "tokens"], [[li, s.C.shape[0], s.n_tokens] for li, s in stats.items()]
+            )
+            processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+            print(
+                f"\nstatistics for layers {list(stats)} ready in {seconds:.1f} s (corpus {corpus_id}{processes})"
+            )
     return 0
