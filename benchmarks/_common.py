@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -14,7 +15,8 @@ from typing import Self
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# the shared data beside the checkout; EDIT2DEPLOY_BENCH_DATA: a copy of it elsewhere (gpu.sh carries one)
+DATA = Path(os.environ.get("EDIT2DEPLOY_BENCH_DATA") or ROOT.parent / "shared" / "data")
 COUNTERFACT = DATA / "counterfact"
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_dir
 from .errors import InputFileError, InputProblem, UsageError, first_few
 from .models import file_sha256
+from .precision import WEIGHT_DTYPES
 from .requests import EditRequest, fact_key
 
 LEDGER_DIR = "edit2deploy"
@@ -317,7 +318,14 @@ def rollback(
             tensors = load_file(f)
             for name in list(tensors):
                 if name in restored:
-                    tensors[name] = restored[name].to(tensors[name].dtype).contiguous()
+                    # an edited projection is stored in float32; with no batch left on it, in the checkpoint's dtype
+                    touched = any(name in ledger.batch_record(b)["tensors"] for b in kept)
+                    dtype = (
+                        tensors[name].dtype
+                        if touched
+                        else WEIGHT_DTYPES.get(ledger.state.get("weights_dtype", "auto"))
+                    )
+                    tensors[name] = restored[name].to(dtype or tensors[name].dtype).contiguous()
             save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
         ledger.record_weights(tmp)
         ledger.write_into(tmp)

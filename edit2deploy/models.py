@@ -22,6 +22,14 @@ import torch
 from .arch import Architecture, architecture_for
 from .atomic import atomic_dir, remove_stale_temps
 from .errors import UsageError
+from .precision import (
+    compute_in_float32,
+    cpu_has_fast_bf16,
+    held_dtype,
+    hold_in_float32,
+    stored_float32,
+    weights_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,11 @@ class LoadedModel:
     spec: str  # what the user named
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model's weights are held in (edited projections may be float32 beside them)."""
+        return held_dtype(self.model)
+
+    @property
     def num_layers(self) -> int:
         return self.model.config.get_text_config().num_hidden_layers
 
@@ -297,15 +310,15 @@ def check_device(device: str) -> torch.device:
     return torch_device
 
 
-def open_model(
-    spec: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> LoadedModel:
-    """Load a model for editing/scoring (float32 by default: edits are applied in full precision)."""
+def open_model(spec: str | os.PathLike, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    """Load a model for editing/scoring, its weights in `dtype` (`precision.WEIGHT_DTYPES`; "auto": the
+    checkpoint's). Edited projections an edited model stores in float32 are held in float32 (`precision`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = check_device(device)
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
+    torch_dtype = weights_dtype(dtype, model_dir, config)
     try:
         arch = architecture_for(str(config.get("model_type", "<missing model_type>")))
     except UsageError as exc:
@@ -319,10 +332,18 @@ def open_model(
         ) from exc
     try:
         # safetensors only: never unpickle a pytorch_model.bin (the design's rule for weights)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:  # no or unreadable weights, bad config values
         raise UsageError(f"{model_dir}: cannot load the model weights ({_first_line(exc)})") from exc
+    if torch_dtype != torch.float32:
+        projections = [
+            arch.mlp_out_name(li) for li in range(model.config.get_text_config().num_hidden_layers)
+        ]
+        kept = stored_float32(model_dir, [f"{n}.weight" for n in projections])
+        hold_in_float32(model, [n for n in projections if f"{n}.weight" in kept], kept)
     model = model.to(torch_device)
+    if torch_dtype != torch.float32 and torch_device.type == "cpu" and not cpu_has_fast_bf16():
+        compute_in_float32(model)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, model_dir=model_dir, spec=str(spec))

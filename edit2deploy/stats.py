@@ -243,8 +243,13 @@ def names_in(lm: LoadedModel, chunks: Sequence[Sequence[int]], limit: int = MAX_
     return list(seen)
 
 
-def _names_file(fingerprint: str, corpus: Corpus, n_tokens: int) -> Path:
-    return cache_root() / "stats" / fingerprint[:16] / f"names-{corpus.id}-{n_tokens}.json"
+def _held(dtype: torch.dtype) -> str:
+    """Part of a cache name: statistics (and generated text) of a model held in bf16 are not those of float32."""
+    return "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+
+
+def _names_file(fingerprint: str, corpus: Corpus, n_tokens: int, dtype: torch.dtype = torch.float32) -> Path:
+    return cache_root() / "stats" / fingerprint[:16] / f"names-{corpus.id}-{n_tokens}{_held(dtype)}.json"
 
 
 def corpus_names(
@@ -252,7 +257,7 @@ def corpus_names(
 ) -> list[str]:
     """Names from the statistics corpus (the same text and token budget as C), cached next to C: for the
     generated corpus, finding them again would mean generating it again."""
-    path = _names_file(fingerprint, corpus, n_tokens)
+    path = _names_file(fingerprint, corpus, n_tokens, lm.dtype)
     if path.is_file():
         try:
             meta = json.loads(path.read_text())
@@ -331,8 +336,11 @@ def collect_key_stats(
 
 
 # ------------------------------------------------------------------ cache
-def _cache_file(fingerprint: str, layer: int, corpus: Corpus, n_tokens: int) -> Path:
-    return cache_root() / "stats" / fingerprint[:16] / f"L{layer}-{corpus.id}-{n_tokens}-float64.safetensors"
+def _cache_file(
+    fingerprint: str, layer: int, corpus: Corpus, n_tokens: int, dtype: torch.dtype = torch.float32
+) -> Path:
+    name = f"L{layer}-{corpus.id}-{n_tokens}-float64{_held(dtype)}.safetensors"
+    return cache_root() / "stats" / fingerprint[:16] / name
 
 
 def _tensor_sha(t: torch.Tensor) -> str:
@@ -390,7 +398,7 @@ def key_stats(
     out: dict[int, KeyStats] = {}
     if main:
         for li in layers:
-            cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))
+            cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens, lm.dtype))
             if cached is not None:
                 out[li] = cached
     # one list for all ranks, or they would not run the same collectives
@@ -398,7 +406,7 @@ def key_stats(
     if not main:  # the layers rank 0 found cached and checked
         for li in layers:
             if li not in missing:
-                cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens))
+                cached = load_cached(_cache_file(fingerprint, li, corpus, n_tokens, lm.dtype))
                 if cached is None:
                     raise Edit2DeployError(f"statistics cache for layer {li} vanished while rank 0 read it")
                 out[li] = cached
@@ -407,9 +415,11 @@ def key_stats(
         fresh = collect_key_stats(lm, missing, chunks, quiet=quiet)
         if main:
             for li, st in fresh.items():
-                save_cached(_cache_file(fingerprint, li, corpus, n_tokens), st)
-            if not _names_file(fingerprint, corpus, n_tokens).is_file():  # while the chunks are at hand
-                _save_names(_names_file(fingerprint, corpus, n_tokens), names_in(lm, chunks))
+                save_cached(_cache_file(fingerprint, li, corpus, n_tokens, lm.dtype), st)
+            if not _names_file(
+                fingerprint, corpus, n_tokens, lm.dtype
+            ).is_file():  # while the chunks are at hand
+                _save_names(_names_file(fingerprint, corpus, n_tokens, lm.dtype), names_in(lm, chunks))
         out.update(fresh)
         distributed.barrier()  # nobody returns before the cache is complete
     return out

@@ -63,6 +63,16 @@ def add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dtype(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument(
+        "--dtype",
+        default=default,
+        help="auto | bfloat16 | float16 | float32: precision the model's weights are loaded in (default auto: the "
+        "checkpoint's own); the edited "
+        "projections, statistics and solves stay float32/float64",
+    )
+
+
 def add_no_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-generation",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..formats import DEFAULT_PROTECTION
-from .common import add_set, count, non_negative, positive, print_table
+from .common import add_dtype, add_set, count, non_negative, positive, print_table
 
 
 def add_edit(sub) -> Callable:
@@ -54,6 +54,7 @@ def add_edit(sub) -> Callable:
     )
     p.add_argument("--limit", type=positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_dtype(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     h = p.add_argument_group("quantization-aware hardening")
     h.add_argument(
@@ -142,6 +143,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         harden_for=schemes,
         harden=harden,
         preserved=load_requests(args.preserved, limit=args.preserved_n) if args.preserved else (),
+        dtype=args.dtype,
     )
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {
@@ -243,6 +245,7 @@ def add_stats(sub) -> Callable:
     p.add_argument("--n-tokens", type=positive, default=None, help="default 100,000")
     p.add_argument("--layers", default=None, help="default: the architecture's edited layers")
     p.add_argument("--device", default="cpu")
+    add_dtype(p)
     return cmd_stats
 
 
@@ -273,6 +276,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             layers,
             device,
             quiet=getattr(args, "quiet", False) or not main,
+            dtype=args.dtype,
         )
         if main:
             print_table(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..ops.demo import DEMO_MODEL, DEMO_N_TOKENS
-from .common import add_no_generation, add_set, positive, print_table
+from .common import add_dtype, add_no_generation, add_set, positive, print_table
 
 FLAG_FIELDS = (  # [run] fields that have a flag of the same name
     "model",
@@ -24,6 +24,7 @@ FLAG_FIELDS = (  # [run] fields that have a flag of the same name
     "heldout",
     "protect_edits",
     "device",
+    "dtype",
 )
 
 
@@ -84,6 +85,7 @@ def add_run(sub) -> Callable:
         help="harden every edit batch against the targets' quantization (simulated in torch; see edit --harden-for)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (editing and fp32 scoring)")
+    add_dtype(p, default=None)
     p.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     return cmd_run
 

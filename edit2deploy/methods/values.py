@@ -26,6 +26,7 @@ from ..forward import (
     run_until_stop,
 )
 from ..models import LoadedModel
+from ..precision import cpu_has_fast_bf16
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
@@ -61,19 +62,6 @@ class ValueHParams:
     # during z-optimisation (in `dtype`'s precision) and key passes (float32): faster than MKL's sgemm on AVX2
     # AMD cores and than bf16 autocast on AMX cores (benchmarks/RESULTS.md).
     onednn: bool = True
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (Linux flags amx_bf16 / avx512_bf16)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:

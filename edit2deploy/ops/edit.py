@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_dir, kill_point, remove_stale_temps
 from ..errors import NonFiniteUpdateError, UsageError
 from ..ledger import Ledger, tensor_sha256
+from ..memory import PeakMemory
 from ..methods import EditConfig, Editor
 from ..methods.editor import LayerState, check_layers, method_spec
 from ..methods.harden import HardenConfig, Hardener
@@ -30,6 +31,7 @@ from ..models import (
     resolve_model_dir,
     weights_fingerprint,
 )
+from ..precision import hold_in_float32
 from ..quantsim import QuantScheme, Simulation
 from ..requests import EditRequest, load_requests, merge_duplicates
 from ..stats import DEFAULT_N_TOKENS, corpus_from_path, corpus_names, key_stats
@@ -45,6 +47,7 @@ class EditRun:
     failed: dict | None = None
     seconds: float = 0.0
     stats_seconds: float = 0.0
+    memory: PeakMemory = field(default_factory=PeakMemory)  # "load", "statistics", then each batch id
 
 
 def _state_from_ledger(ledger: Ledger, layers) -> dict[int, LayerState]:
@@ -98,6 +101,8 @@ def prepare_editor(
         raise UsageError(f"--preserved shapes the null space of alphaedit and default; {cfg.method} has none")
     if preserved and cfg.neighbour_null:
         raise UsageError("neighbour_null and --preserved both reshape the null space; use one of them")
+    # Edited projections in float32 whatever the model's dtype: a bf16 W + ΔW would lose part of ΔW.
+    hold_in_float32(lm.model, [lm.arch.mlp_out_name(li) for li in layers])
     ledger = Ledger.load(lm.model_dir)
     if ledger is None:
         corp = corpus_from_path(corpus)
@@ -108,6 +113,7 @@ def prepare_editor(
             corpus_path=None if corp.path is None else str(corp.path),
             n_tokens=n_tokens or DEFAULT_N_TOKENS,
             prefixes=generate_prefixes(lm),
+            weights_dtype=str(lm.dtype).removeprefix("torch."),
         )
     else:
         if corpus is not None and corpus_from_path(corpus).id != ledger.state["corpus"]:
@@ -204,11 +210,13 @@ def apply_requests(
     batch_size: int,
     quiet: bool = False,
     harden: Hardener | None = None,
+    memory: PeakMemory | None = None,
 ) -> EditRun:
     """Apply `requests` in batches of `batch_size`, recording each batch in the ledger (`harden`: make each
-    batch survive the simulated quantization of its targets, see `methods.harden`)."""
+    batch survive the simulated quantization of its targets, see `methods.harden`); each batch's peak memory
+    goes into its record and into `memory`."""
     lm, arch = editor.lm, editor.lm.arch
-    run = EditRun(out=None)
+    run = EditRun(out=None, memory=memory or PeakMemory())
     start = time.perf_counter()
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     for chunk in tqdm(chunks, desc="edit batches", unit="batch", disable=quiet or len(chunks) == 1):
@@ -218,7 +226,8 @@ def apply_requests(
         batch_id = ledger.next_batch_id()
         kill_point("z-optimisation")  # apply_batch starts with the batch's keys and target values
         try:
-            report = editor.apply_batch(chunk, harden=harden)
+            with run.memory.stage(batch_id):
+                report = editor.apply_batch(chunk, harden=harden)
         except NonFiniteUpdateError as exc:
             run.failed = {"batch": batch_id, "error": str(exc), "requests": [r.id for r in chunk]}
             ledger.add_event({"type": "failed_batch", **run.failed})
@@ -241,6 +250,13 @@ def apply_requests(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t, 3),
             "timings": {k: round(v, 3) for k, v in report.timings.items()},
+            # MiB; a run's first batch also holds the run's loading and statistics peaks
+            "peak_rss_mib": {
+                **{
+                    k: v for k, v in run.memory.rss.items() if k in ("load", "statistics") and not run.batches
+                },
+                "batch": run.memory.rss[batch_id],
+            },
             "method": editor.cfg.method,
             "config": editor.cfg.to_json(),
             "layers": list(editor.layers),
@@ -287,6 +303,7 @@ def edit_model(
     harden_for: Sequence[Callable[[LoadedModel, list[str]], QuantScheme]] = (),
     harden: HardenConfig | None = None,
     preserved: Sequence[EditRequest] = (),
+    dtype: str = "auto",
 ) -> EditRun:
     """Edit `model` with the requests in `edits` and write the result to `out`.
 
@@ -310,11 +327,14 @@ def edit_model(
     if out.exists() and not force:
         raise UsageError(f"--out {out} already exists (use --force to replace it)")
     requests = requests_for(model_dir, requests)
-    lm = open_model(model, device=device)
+    memory = PeakMemory()
+    with memory.stage("load"):
+        lm = open_model(model, device=device, dtype=dtype)
     edited_texts = [t for r in requests for t in (r.text, *r.paraphrases)]
-    editor, ledger, stats_seconds = prepare_editor(
-        lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved, avoid=edited_texts
-    )
+    with memory.stage("statistics"):
+        editor, ledger, stats_seconds = prepare_editor(
+            lm, cfg, corpus, n_tokens, quiet=quiet, preserved=preserved, avoid=edited_texts
+        )
     hardener = None
     if harden_for:
         edited = sorted(
@@ -322,10 +342,13 @@ def edit_model(
         )
         sims = [Simulation(lm, make(lm, edited)) for make in harden_for]
         hardener = Hardener(sims, harden or HardenConfig(), quiet=quiet)
-    run = apply_requests(editor, ledger, requests, batch_size or len(requests), quiet=quiet, harden=hardener)
+    run = apply_requests(
+        editor, ledger, requests, batch_size or len(requests), quiet=quiet, harden=hardener, memory=memory
+    )
     run.stats_seconds = stats_seconds
     if run.batches:
-        write_model(lm, ledger, out)
+        with memory.stage("write"):
+            write_model(lm, ledger, out)
         run.out = out
     return run
 
@@ -349,10 +372,11 @@ def compute_stats(
     layers: Sequence[int] | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    dtype: str = "auto",
 ) -> tuple[dict, str, float]:
     """Key statistics (C = E[k kᵀ]) of the edited layers, computed once and cached; returns (statistics per
     layer, corpus id, seconds)."""
-    lm = open_model(model, device=device)
+    lm = open_model(model, device=device, dtype=dtype)
     chosen = tuple(layers) if layers else lm.arch.layers_for(lm.num_layers)
     source = corpus_from_path(corpus)
     t = time.perf_counter()

@@ -165,5 +165,6 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "targets": targets,
         "ledger": _ledger_json(result.ledger_state, result.ledger_records),
         "timings": dict(result.seconds),
+        "memory": dict(result.memory),
     }
     return _safe(doc)

@@ -81,6 +81,7 @@ class RunResult:
     reports: dict[str, Path] = field(default_factory=dict)
     protect_edits: str = DEFAULT_PROTECTION.value
     preserved_source: str | None = None
+    memory: dict = field(default_factory=dict)  # `PeakMemory.to_json()` of the run's stages
 
     @property
     def passed(self) -> bool:

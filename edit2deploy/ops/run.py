@@ -44,6 +44,7 @@ from ..formats import DEFAULT_PROTECTION, Protection, Target, get_format, parse_
 from ..gates import Gates, perplexity
 from ..generation import DEFAULT_GENERATION
 from ..ledger import Ledger
+from ..memory import PeakMemory
 from ..methods import EditConfig
 from ..methods.harden import HardenConfig
 from ..models import check_device, resolve_model_dir, weights_fingerprint
@@ -89,6 +90,7 @@ class RunConfig:
     protect_edits: Protection | str = DEFAULT_PROTECTION
     baseline: bool = True
     device: str = "cpu"
+    dtype: str = "auto"  # the model's weights, as `edit --dtype` (precision.WEIGHT_DTYPES)
     quiet: bool = False
     reports: bool = True
     harden: bool | HardenConfig = False
@@ -108,6 +110,7 @@ RUN_CHECKED = (
     "heldout",
     "baseline",
     "generation",
+    "dtype",
 )  # `device` and `protect_edits` by their own parsers, whose messages name the flag
 
 
@@ -196,6 +199,12 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
         tokens,
         harden_key,
     )
+    if problem is None and c.dtype != "auto":
+        made = (
+            (Ledger.load(out_model).state.get("weights_dtype") or "float32") if out_model.is_dir() else None
+        )
+        if made != c.dtype:
+            problem = f"the weights were loaded in {made}, not {c.dtype}"
     t = time.perf_counter()
     if problem is None:
         log(f"edit: reusing {out_model} (same requests, configuration and base model)")
@@ -210,6 +219,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
             corpus=c.corpus,
             n_tokens=c.n_tokens,
             device=c.device,
+            dtype=c.dtype,
             force=True,
             quiet=c.quiet,
             harden_for=scheme_factories(inp.targets) if inp.harden is not None else (),
@@ -232,7 +242,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
 
 
 # ------------------------------------------------------------------ stage 2: export (+ paired baselines)
-def export_stage(inp: RunInputs, edit: EditStage, log: Log) -> list[ExportStage]:
+def export_stage(inp: RunInputs, edit: EditStage, log: Log, memory: PeakMemory) -> list[ExportStage]:
     """Export every target (reusing artifacts whose record matches), then its paired baseline."""
     out = []
     for t in inp.targets:
@@ -240,17 +250,19 @@ def export_stage(inp: RunInputs, edit: EditStage, log: Log) -> list[ExportStage]
         dest = inp.out / ARTIFACTS_SUBDIR / fmt.artifact_name(t)
         log(f"export {t} -> {dest}")
         t0 = time.perf_counter()
-        art, cached = export_target(
-            t, edit.model_dir, dest, edit.source_fingerprint, progress=not inp.config.quiet
-        )
+        with memory.stage(f"export {t}"):
+            art, cached = export_target(
+                t, edit.model_dir, dest, edit.source_fingerprint, progress=not inp.config.quiet
+            )
         stage = ExportStage(t, art, cached, seconds={"export": 0.0 if cached else time.perf_counter() - t0})
         if cached:
             log(f"export {t}: reusing {dest.name} (its record matches)")
         if inp.config.baseline:
             t0 = time.perf_counter()
-            stage.baseline, stage.baseline_cached = paired_baseline(
-                fmt, art, edit.base_model_dir, edit.base_fingerprint, log
-            )
+            with memory.stage(f"baseline {t}"):
+                stage.baseline, stage.baseline_cached = paired_baseline(
+                    fmt, art, edit.base_model_dir, edit.base_fingerprint, log
+                )
             stage.seconds["baseline"] = 0.0 if stage.baseline_cached else time.perf_counter() - t0
             if stage.baseline_cached:
                 log(f"paired baseline {t}: reusing {stage.baseline.path}")
@@ -266,7 +278,9 @@ class VerifyStage:
     reference_seconds: float
 
 
-def verify_stage(inp: RunInputs, edit: EditStage, exports: Sequence[ExportStage], log: Log) -> VerifyStage:
+def verify_stage(
+    inp: RunInputs, edit: EditStage, exports: Sequence[ExportStage], log: Log, memory: PeakMemory
+) -> VerifyStage:
     """Score every artifact (and its paired baseline) against the fp32 references and apply the gates. Scores
     are remembered per model/artifact identity, so an unchanged rerun opens no model."""
     from transformers import AutoTokenizer
@@ -283,29 +297,31 @@ def verify_stage(inp: RunInputs, edit: EditStage, exports: Sequence[ExportStage]
     )
     results = []
     try:
-        ppl = {
-            "fp32": perplexity(reference, inp.heldout.pairs),
-            "base_fp32": perplexity(base_reference, inp.heldout.pairs),
-        }
+        with memory.stage("reference"):
+            ppl = {
+                "fp32": perplexity(reference, inp.heldout.pairs),
+                "base_fp32": perplexity(base_reference, inp.heldout.pairs),
+            }
         ref_seconds = time.perf_counter() - t0
         for ex in tqdm(exports, desc="verify", unit="target", disable=inp.config.quiet or len(exports) < 2):
             log(f"verify {ex.target}")
             kill_point("verify")  # the references are scored, their scores not yet remembered
             t0 = time.perf_counter()
-            check = check_artifact(
-                get_format(ex.target.format),
-                ex.artifact,
-                inp.requests,
-                reference,
-                base_reference,
-                ex.baseline,
-                inp.gates[ex.target],
-                decode,
-                inp.preserved,
-                inp.heldout,
-                cache_key={"target": str(ex.target), "base": edit.base_fingerprint},
-                generation=DEFAULT_GENERATION if inp.config.generation else None,
-            )
+            with memory.stage(f"verify {ex.target}"):
+                check = check_artifact(
+                    get_format(ex.target.format),
+                    ex.artifact,
+                    inp.requests,
+                    reference,
+                    base_reference,
+                    ex.baseline,
+                    inp.gates[ex.target],
+                    decode,
+                    inp.preserved,
+                    inp.heldout,
+                    cache_key={"target": str(ex.target), "base": edit.base_fingerprint},
+                    generation=DEFAULT_GENERATION if inp.config.generation else None,
+                )
             secs = {**ex.seconds, "verify": time.perf_counter() - t0}
             results.append(_target_result(ex, check, inp.gates[ex.target], secs))
     finally:
@@ -347,9 +363,11 @@ def run(config: RunConfig, log: Log | None = None) -> RunResult:
     for d in (inp.out, inp.out / ARTIFACTS_SUBDIR):
         for p in clean_stale_temps(d):
             log(f"removed {p.name} (left by an interrupted run)")
-    edit = edit_stage(inp, log)
-    exports = export_stage(inp, edit, log)
-    verified = verify_stage(inp, edit, exports, log)
+    memory = PeakMemory()
+    with memory.stage("edit"):
+        edit = edit_stage(inp, log)
+    exports = export_stage(inp, edit, log, memory)
+    verified = verify_stage(inp, edit, exports, log, memory)
     seconds = {"edit": edit.seconds, "reference": verified.reference_seconds}
     seconds["total"] = time.perf_counter() - t_start
     result = RunResult(
@@ -370,6 +388,7 @@ def run(config: RunConfig, log: Log | None = None) -> RunResult:
         seconds={k: round(v, 3) for k, v in seconds.items()},
         protect_edits=Protection.parse(config.protect_edits).value,
         preserved_source=None if config.preserved is None else str(config.preserved),
+        memory=memory.to_json(),
     )
     if config.reports:
         result.reports = write_reports(build_report(result), inp.out)

@@ -17,6 +17,7 @@ from ..formats import PROTECT_CHOICES
 from ..methods import METHODS, EditConfig
 from ..methods.chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES
 from ..methods.values import ValueHParams
+from ..precision import WEIGHT_DTYPES
 
 
 def parse_layers(text: str, where: str = "--layers") -> tuple[int, ...]:
@@ -240,6 +241,10 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     ),
     "baseline": ("true or false", lambda v: isinstance(v, bool)),
     "device": ("'cpu', 'cuda' or 'cuda:N'", _device),
+    "dtype": (
+        " or ".join(f"'{d}'" for d in WEIGHT_DTYPES),
+        lambda v: isinstance(v, str) and v in WEIGHT_DTYPES,
+    ),
     "harden": ("true or false", lambda v: isinstance(v, bool)),
     "generation": ("true or false", lambda v: isinstance(v, bool)),
 }

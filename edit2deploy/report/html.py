@@ -227,6 +227,10 @@ def render_html(doc: dict) -> str:
         body.append("</details>")
     body.append("<h2 id='timings'>Timings (s)</h2>")
     body.append(_html_table(list(doc["timings"]), [[_num(v, ".1f") for v in doc["timings"].values()]]))
+    peaks = (doc.get("memory") or {}).get("peak_rss_mib")
+    if peaks:
+        body.append("<h2 id='memory'>Peak memory (MiB, resident)</h2>")
+        body.append(_html_table(list(peaks), [[_num(v, ".0f") for v in peaks.values()]]))
     body.append("</body></html>\n")
     return "".join(body)
 

@@ -142,6 +142,14 @@ def render_markdown(doc: dict) -> str:
         _md_table(list(doc["timings"]), [[_num(v, ".1f") for v in doc["timings"].values()]]),
         "",
     ]
+    peaks = (doc.get("memory") or {}).get("peak_rss_mib")
+    if peaks:
+        lines += [
+            "## Peak memory (MiB, resident)",
+            "",
+            _md_table(list(peaks), [[_num(v, ".0f") for v in peaks.values()]]),
+            "",
+        ]
     return "\n".join(lines)
 
 

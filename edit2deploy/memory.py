@@ -1,0 +1,79 @@
+"""Peak memory per stage: the most resident memory (and CUDA memory) a stage of work took.
+
+Linux keeps a process's RSS high-water mark (VmHWM in /proc/self/status) and lets the process reset it to the
+current RSS (writing 5 to /proc/self/clear_refs), so each stage's own peak is measurable without sampling.
+Elsewhere the process-wide peak (`resource.getrusage`) is all there is, and it is reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+_MIB = 2**20
+
+
+def _vm_hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_peak_mib() -> float:
+    """The process's peak RSS so far, in MiB (ru_maxrss: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / _MIB if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of named stages, in MiB: `rss[stage]`, and `cuda[stage]` where CUDA was used.
+
+    `per_stage` is False where the OS cannot reset the high-water mark: each figure is then the process's peak
+    up to the end of that stage."""
+
+    rss: dict[str, float] = field(default_factory=dict)
+    cuda: dict[str, float] = field(default_factory=dict)
+    per_stage: bool = True
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Measure the peak of the work inside; a stage seen twice keeps the larger peak."""
+        self.per_stage = _reset_hwm() and self.per_stage
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            hwm = _vm_hwm_mib() if self.per_stage else None
+            peak = hwm if hwm is not None else process_peak_mib()
+            self.rss[name] = round(max(peak, self.rss.get(name, 0.0)), 1)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                used = torch.cuda.max_memory_allocated() / _MIB
+                self.cuda[name] = round(max(used, self.cuda.get(name, 0.0)), 1)
+
+    def to_json(self) -> dict:
+        out: dict = {"peak_rss_mib": dict(self.rss), "per_stage": self.per_stage}
+        if self.cuda:
+            out["peak_cuda_mib"] = dict(self.cuda)
+        return out
