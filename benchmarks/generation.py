@@ -9,6 +9,7 @@ unedited, and the paired baseline. Prints both side by side.
     cd benchmarks && python generation.py --data counterfact --split val --n 100 --batch-size 25
     cd benchmarks && python generation.py --data zsre --n 100 --batch-size 25
     cd benchmarks && python generation.py --n 100 --set chat_contexts=off   # text contexts only
+    cd benchmarks && python generation.py --n 100 --set chat_contexts=auto --set chat_keys=own --harden
 
 Statistics: WikiText-2 (100,000 tokens), as in counterfact.py.
 """
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default: out/generation-<data>-<offset>-<n>)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an [edit] setting")
+    ap.add_argument(
+        "--harden", action="store_true", help="harden each batch against --target (`run --harden`)"
+    )
     args = ap.parse_args()
     source = ZSRE if args.data == "zsre" else COUNTERFACT / f"counterfact-{args.split}.json"
     requests = load_requests(source, limit=args.n, offset=args.offset)
@@ -69,6 +73,7 @@ def main() -> None:
         batch_size=args.batch_size,
         cfg=edit_config(sets=args.set),
         gates={"survival": None, "specificity_drop": None},
+        harden=args.harden,
     )
     seconds = time.perf_counter() - t
     (tr,) = res.targets
