@@ -1,10 +1,10 @@
 """Work across processes with torch.distributed, when the command was launched by `torchrun`.
 
-`torchrun --nproc-per-node N -m edit2deploy stats ...` starts N copies of the command; each learns its place from
-the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR). The process group is the only shared
-state: it lives inside torch.distributed, so these helpers keep none of their own. Outside torchrun (or before
-`process_group` has started one) every helper answers as the only process would (rank 0 of 1, sums unchanged),
-so code that calls them runs unchanged in one process.
+`torchrun --nproc-per-node N -m edit2deploy stats|edit ...` starts N copies of the command; each learns its place
+from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR). The process group is the only
+shared state: it lives inside torch.distributed, so these helpers keep none of their own. Outside torchrun (or
+before `process_group` has started one) every helper answers as the only process would (rank 0 of 1, sums
+unchanged), so code that calls them runs unchanged in one process.
 """
 
 from __future__ import annotations
@@ -112,3 +112,13 @@ def broadcast_object(obj: T | None, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]  # type: ignore[return-value]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj` (any picklable value), indexed by rank, on every rank. In one process: `[obj]`.
+    Tensors should be on the CPU: a CUDA tensor would be unpickled onto its sender's device index."""
+    if not active() or world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

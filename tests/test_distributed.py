@@ -1,6 +1,9 @@
 """Key statistics across processes: `torchrun --nproc-per-node 2 -m edit2deploy stats` shards the corpus, sums the
 float64 moments over the ranks and caches the same C (to float64 rounding) and token counts as one process; rank 0
-alone prints. Both a text corpus and the generated one (sampled on rank 0, broadcast) are compared."""
+alone prints. Both a text corpus and the generated one (sampled on rank 0, broadcast) are compared.
+
+Edits across processes: `torchrun --nproc-per-node 2 -m edit2deploy edit` shares a batch's z-optimisation between
+the ranks, solves on rank 0 and writes the same edited weights (to float rounding) and ledger as one process."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,4 +129,133 @@ def test_other_commands_refuse_to_run_as_several_processes(monkeypatch, capsys, 
     monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / "cache"))
     rc = cli.main(["facts", "--model", str(tmp_path / "nowhere"), "--facts", str(tmp_path / "f.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 2 and "only `stats` runs across processes" in err, err
+    assert rc == 2 and "only `stats` and `edit` run across processes" in err, err
+
+
+# ================================================================ edit
+# Four requests in one batch: each rank optimises two (0, 2 and 1, 3), so a rank that kept only its own values,
+# or put the other rank's in the wrong columns, would solve for different targets.
+EDITS = [
+    {
+        "id": "eiffel",
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+    },
+    {
+        "id": "darrieux",
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+    },
+    {"id": "messi", "prompt": "{} plays the sport of", "subject": "Lionel Messi", "target_new": "ice hockey"},
+    {
+        "id": "yasuda",
+        "prompt": "{} plays the instrument",
+        "subject": "Toko Yasuda",
+        "target_new": "the violin",
+    },
+]
+EDITED = [f"model.layers.{li}.mlp.down_proj.weight" for li in (0, 1)]
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def edits(tiny_model_dir, tmp_path_factory):
+    """The same `edit` (4 requests, one batch, 3 z-optimisation steps, one retry round) under torchrun (2
+    processes) and in one process (this one, while the other runs), each with its own statistics cache."""
+    from edit2deploy import cli
+
+    if not TORCHRUN.is_file():
+        pytest.skip(f"no torchrun next to {sys.executable}")
+    model = tiny_model_dir("llama", layers=4)  # blocks above the edited ones: δ at layer 1 moves the output
+    tmp = tmp_path_factory.mktemp("distributed-edit")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(PARAGRAPHS * 3) + "\n")
+    edit_file = tmp / "edits.jsonl"
+    edit_file.write_text("".join(json.dumps(r) + "\n" for r in EDITS))
+    args = [
+        "edit",
+        "--model",
+        str(model),
+        "--edits",
+        str(edit_file),
+        "--layers",
+        "0-1",
+        "--corpus",
+        str(corpus),
+    ]
+    args += ["--n-tokens", str(N_TOKENS), "--set", "max_steps=3", "--retry-rounds", "1", "--quiet"]
+    torchrun = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "edit2deploy"]
+    t = time.perf_counter()
+    proc = _start([*torchrun, *args, "--out", str(tmp / "two")], tmp / "cache-two")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDIT2DEPLOY_CACHE", str(tmp / "cache-one"))
+        mp.setenv("TQDM_DISABLE", "1")
+        rc = cli.main([*args, "--out", str(tmp / "one")])
+    two = _finish(proc, timeout=240)
+    print(f"\none process and two (torchrun, at the same time) done in {time.perf_counter() - t:.1f} s")
+    return {"two": (two, tmp / "two"), "one": (rc, tmp / "one"), "base": model}
+
+
+def test_two_processes_edit_the_same_weights_as_one(edits):
+    (two, two_out), (rc, one_out) = edits["two"], edits["one"]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert rc == 0
+    a, b = _weights(two_out), _weights(one_out)
+    assert sorted(a) == sorted(b)
+    worst = 0.0
+    for name in a:
+        if name not in EDITED:
+            assert torch.equal(a[name], b[name]), name
+            continue
+        assert a[name].dtype == b[name].dtype == torch.float32
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+        worst = max(worst, (a[name] - b[name]).abs().max().item())
+    base = _weights(edits["base"])
+    assert all(not torch.equal(a[n], base[n]) for n in EDITED)  # the edit did something
+    print(f"\nmax |W(2 processes) - W(1 process)| = {worst:.3g}")
+
+
+def test_two_processes_write_the_same_ledger_as_one(edits):
+    from edit2deploy.ledger import Ledger
+
+    (two, two_out), (_, one_out) = edits["two"], edits["one"]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = Ledger.load(two_out).records, Ledger.load(one_out).records
+    assert [r["id"] for r in a] == [r["id"] for r in b] == ["batch-0001"]
+    assert a[0]["requests"] == b[0]["requests"] and [r["id"] for r in a[0]["requests"]] == [
+        e["id"] for e in EDITS
+    ]
+    for key in ("steps", "converged", "retry", "config", "layers"):
+        assert a[0][key] == b[0][key], key
+    assert Ledger.load(two_out).state["prefixes"] == Ledger.load(one_out).state["prefixes"]
+    assert two.stdout.count("wrote ") == 1 and "2 processes" in two.stdout, two.stdout
+    assert "Traceback" not in two.stderr and "edit2deploy: error" not in two.stderr
+
+
+def test_hardening_refuses_to_run_as_several_processes(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from edit2deploy import cli, distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    edit_file = tmp_path / "edits.jsonl"
+    edit_file.write_text(json.dumps(EDITS[0]) + "\n")
+    args = [
+        "edit",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--edits",
+        str(edit_file),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    rc = cli.main([*args, "--harden-for", "Q4_K_M"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--harden-for does not run across processes" in err, err
+    assert not (tmp_path / "o").exists()

@@ -34,7 +34,7 @@ COMMANDS: tuple[Callable, ...] = (
 )
 
 # commands that share their work across processes when launched by torchrun (`edit2deploy.distributed`)
-DISTRIBUTED_COMMANDS = ("stats",)
+DISTRIBUTED_COMMANDS = ("stats", "edit")
 
 # loggers of the libraries we drive, which talk at INFO (or print) unless told not to
 NOISY_LOGGERS = (
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # N copies would each do the whole job and race on the same outputs
             raise UsageError(
-                f"only `stats` runs across processes (torchrun); run `{args.command}` as one process"
+                f"only `stats` and `edit` run across processes (torchrun); run `{args.command}` as one process"
             )
         return int(args._handlers[args.command.replace("-", "_")](args) or 0)
     except InputFileError as exc:

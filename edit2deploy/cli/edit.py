@@ -119,6 +119,11 @@ def hardening(args: argparse.Namespace):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    """Also runs as N processes under `torchrun --nproc-per-node N -m edit2deploy edit ...`: the ranks share each
+    batch's z-optimisation, rank 0 solves and broadcasts ΔW (`ops.edit.edit_model`); rank 0 alone writes --out,
+    shows progress and prints."""
+    from .. import distributed
+    from ..models import check_device
     from ..ops.edit import edit_model
     from ..ops.settings import edit_config
     from ..requests import load_requests
@@ -126,25 +131,34 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.preserved_n is not None and not args.preserved:
         raise UsageError("--preserved-n needs --preserved")
     schemes, harden = hardening(args)
-    run = edit_model(
-        args.model,
-        args.edits,
-        args.out,
-        cfg=edit_config(
-            args.config, args.set, method=args.method, layers=args.layers, retry_rounds=args.retry_rounds
-        ),
-        batch_size=args.batch_size,
-        corpus=args.corpus,
-        n_tokens=args.n_tokens,
-        device=args.device,
-        force=args.force,
-        limit=args.limit,
-        quiet=getattr(args, "quiet", False),
-        harden_for=schemes,
-        harden=harden,
-        preserved=load_requests(args.preserved, limit=args.preserved_n) if args.preserved else (),
-        dtype=args.dtype,
+    cfg = edit_config(
+        args.config, args.set, method=args.method, layers=args.layers, retry_rounds=args.retry_rounds
     )
+    preserved = load_requests(args.preserved, limit=args.preserved_n) if args.preserved else ()
+    check_device(distributed.rank_device(args.device))  # a usage error before any process group starts
+    with distributed.process_group(args.device) as device:
+        if not distributed.is_main():
+            warnings.filterwarnings("ignore")  # the same warnings as rank 0's: the user reads them once
+        run = edit_model(
+            args.model,
+            args.edits,
+            args.out,
+            cfg=cfg,
+            batch_size=args.batch_size,
+            corpus=args.corpus,
+            n_tokens=args.n_tokens,
+            device=device,
+            force=args.force,
+            limit=args.limit,
+            quiet=getattr(args, "quiet", False),
+            harden_for=schemes,
+            harden=harden,
+            preserved=preserved,
+            dtype=args.dtype,
+        )
+        processes = distributed.world_size()
+        if not distributed.is_main():
+            return 1 if run.failed else 0
     n = sum(len(b["requests"]) for b in run.batches)
     summary = {
         "out": str(run.out) if run.out else None,
@@ -179,8 +193,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         ]
         print_table(["batch", "edits", "seconds", "phases (s)", "‖W−W0‖_F per layer"], rows)
         if n:
+            across = f", {processes} processes" if processes > 1 else ""
             print(
-                f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics {run.stats_seconds:.1f} s)"
+                f"\n{n} edits in {run.seconds:.1f} s ({run.seconds / n:.2f} s/edit; statistics "
+                f"{run.stats_seconds:.1f} s{across})"
             )
         for b in run.batches:
             if "retry" in b:

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import distributed
 from ..arch import Architecture
-from ..errors import NonFiniteUpdateError, UsageError
+from ..errors import Edit2DeployError, NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
 from .chat import chat_contexts_wanted, chat_templates
@@ -29,7 +30,7 @@ from .solves import (
     null_space_basis,
     projector,
 )
-from .values import ValueHParams, ValueResult, optimise_values
+from .values import ValueHParams, ValueResult, shared_values
 
 if TYPE_CHECKING:
     from .harden import Hardener
@@ -293,7 +294,8 @@ class Editor:
             if li not in self.state:
                 d_in = stats[li].shape[0]
                 self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
-            if self.spec.uses_projector and self.state[li].null_basis is None:
+            # under torchrun only rank 0 solves (`solve`), so only it needs the basis (an eigendecomposition)
+            if self.spec.uses_projector and self.state[li].null_basis is None and distributed.is_main():
                 # preserved facts (`preserved`: their keys' covariance per layer) count once, here: the basis
                 # is kept with the method state, so later batches and runs protect them too
                 kept = stats[li]
@@ -325,24 +327,16 @@ class Editor:
         )
 
     def _optimise(self, requests: Sequence[EditRequest], templates: Sequence[str]) -> ValueResult:
+        """Under torchrun each rank optimises its share of the requests and all get every result."""
         cfg = self.cfg
-        group = cfg.values.group or len(requests)
-        parts = [
-            optimise_values(
-                self.lm,
-                requests[i : i + group],
-                templates,
-                self.layers[-1],
-                cfg.values,
-                quiet=self.quiet,
-            )
-            for i in range(0, len(requests), group)
-        ]
-        return ValueResult(
-            z=torch.cat([p.z for p in parts], dim=1),
-            delta=torch.cat([p.delta for p in parts], dim=1),
-            steps=[s for p in parts for s in p.steps],
-            converged=[c for p in parts for c in p.converged],
+        return shared_values(
+            self.lm,
+            requests,
+            templates,
+            self.layers[-1],
+            cfg.values,
+            quiet=self.quiet,
+            group=cfg.values.group,
         )
 
     def weights(self) -> dict[int, torch.Tensor]:
@@ -357,7 +351,37 @@ class Editor:
     def solve(
         self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Spread z = h + δ over the edited layers (docs/method.md, steps 3-4) and apply; all or nothing."""
+        """Spread z = h + δ over the edited layers (docs/method.md, steps 3-4) and apply; all or nothing.
+        Returns ΔW as applied (stored layout) and the keys, per layer.
+
+        Under torchrun rank 0 alone solves and broadcasts ΔW and the keys (or its error); every other rank adds
+        the same ΔW to the same weights, so all ranks hold identical weights and method state afterwards."""
+        if distributed.world_size() == 1:
+            return self._solve(requests, delta, timings)
+        result: object = None
+        if distributed.is_main():
+            try:
+                result = self._solve(requests, delta, timings)
+            except Exception as exc:
+                # the others must not wait for a ΔW that never comes: they raise it too (ours as it is, anything
+                # else as a plain error, since it need not pickle)
+                shared = exc if isinstance(exc, Edit2DeployError) else RuntimeError(f"rank 0 failed: {exc!r}")
+                distributed.broadcast_object(shared)
+                raise
+        result = distributed.broadcast_object(result)
+        if isinstance(result, BaseException):
+            raise result
+        deltas, keys = result  # type: ignore[misc]
+        if not distributed.is_main():
+            with torch.no_grad():
+                for li, applied in deltas.items():
+                    W = self.lm.arch.get_weight(self.lm.model, li)
+                    W.add_(applied.to(W.device))
+        return deltas, keys
+
+    def _solve(
+        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         lm, arch, cfg = self.lm, self.lm.arch, self.cfg
         originals = self.weights()
         deltas: dict[int, torch.Tensor] = {}

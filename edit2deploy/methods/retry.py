@@ -8,6 +8,9 @@ request whose new target does not beat the true answer (or, without a true answe
 δ is optimised again *on the edited model* (starting from its hidden state, so it adds what is missing),
 added to the request's δ, and the whole batch is solved again from the pre-batch weights — up to `rounds`
 times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay out of the loop.
+
+Under torchrun rank 0 decides which edits failed (every rank holds the same weights, `Editor.solve`), the
+ranks share their re-optimisation (`shared_values`) and rank 0 re-solves.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import distributed
 from ..models import LoadedModel
 from ..probes import probes_for, run_probes
 from ..requests import EditRequest
 from ..scoring import TorchScorer
-from .values import ValueResult, optimise_values
+from .values import ValueResult, shared_values
 
 
 class BatchEditor(Protocol):
@@ -40,10 +44,14 @@ class BatchEditor(Protocol):
 
 
 def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[int]:
-    """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion)."""
-    lm = editor.lm
-    results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, ("edit",)))
-    return [i for i, r in enumerate(results) if not r.success]
+    """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion); under
+    torchrun rank 0's list (scored there alone), so every rank takes the same next step."""
+    failing = None
+    if distributed.is_main():
+        lm = editor.lm
+        results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, ("edit",)))
+        failing = [i for i, r in enumerate(results) if not r.success]
+    return distributed.broadcast_object(failing)
 
 
 def resolve_failed(
@@ -65,7 +73,7 @@ def resolve_failed(
     for _ in range(rounds):
         if not failing:
             break
-        extra = optimise_values(
+        extra = shared_values(
             editor.lm,
             [requests[i] for i in failing],
             editor.templates,

@@ -5,6 +5,10 @@ All requests of a batch are optimised together: one padded forward/backward per 
 that is done (MPES: the target is the argmax at every target position in every context, then
 `mpes_extra` more steps; without MPES: ROME's loss threshold) leaves the batch and its δ is frozen.
 Blocks below the z layer do not depend on δ, so they run once; later steps replay their output.
+
+Under torchrun (`shared_values`) the requests are dealt out over the processes and the results gathered: each
+request's δ depends only on its own rows (its loss terms, clamp and Adam moments are its own, and nothing is
+random), so which process optimises it changes it only by float rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .. import distributed
 from ..arch import head_logits
 from ..forward import (
     StopForward,
@@ -347,6 +352,59 @@ def context_margins(
     b = torch.tensor([x[1] for x in pairs], device=device)
     owner = torch.tensor([x[2] for x in pairs], device=device)
     return mean_new[a] - mean_true[b], owner
+
+
+def shared_values(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    z_layer: int,
+    hp: ValueHParams,
+    quiet: bool = False,
+    group: int = 0,
+) -> ValueResult:
+    """`optimise_values` for `requests` in groups of `group` (0: all at once), results in request order.
+
+    Under torchrun rank r of N optimises requests r, r + N, r + 2N, ... (in groups of `group`), and every rank
+    gets every request's result (`gather_values`). In one process: the groups' results, concatenated."""
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = list(requests[rank::world]) if world > 1 else list(requests)
+    size = group or len(mine)
+    parts = [
+        optimise_values(lm, mine[i : i + size], templates, z_layer, hp, quiet=quiet)
+        for i in range(0, len(mine), size)
+    ]
+    if parts:
+        part = ValueResult(
+            z=torch.cat([p.z for p in parts], dim=1),
+            delta=torch.cat([p.delta for p in parts], dim=1),
+            steps=[s for p in parts for s in p.steps],
+            converged=[c for p in parts for c in p.converged],
+        )
+    else:  # more processes than requests: this one takes part in the gather with none
+        d = lm.model.config.get_text_config().hidden_size
+        empty = torch.zeros(d, 0, dtype=torch.float64, device=next(lm.model.parameters()).device)
+        part = ValueResult(z=empty, delta=empty.clone(), steps=[], converged=[])
+    return gather_values(part, len(requests)) if world > 1 else part
+
+
+def gather_values(part: ValueResult, n: int) -> ValueResult:
+    """The whole batch's values on every rank from each rank's `part`: request i was the (i // N)-th of rank
+    i % N's requests. The tensors travel on the CPU (exact: float64 pickled) and come back on `part`'s device."""
+    world = distributed.world_size()
+    device = part.z.device
+    parts = distributed.all_gather_object((part.z.cpu(), part.delta.cpu(), part.steps, part.converged))
+    start = [sum(len(p[2]) for p in parts[:r]) for r in range(world)]
+    order = [start[i % world] + i // world for i in range(n)]
+    steps = [s for p in parts for s in p[2]]
+    converged = [c for p in parts for c in p[3]]
+    index = torch.tensor(order, dtype=torch.long)
+    return ValueResult(
+        z=torch.cat([p[0] for p in parts], dim=1).index_select(1, index).to(device),
+        delta=torch.cat([p[1] for p in parts], dim=1).index_select(1, index).to(device),
+        steps=[steps[j] for j in order],
+        converged=[converged[j] for j in order],
+    )
 
 
 def optimise_values(

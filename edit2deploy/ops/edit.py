@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..atomic import atomic_dir, kill_point, remove_stale_temps
 from ..errors import NonFiniteUpdateError, UsageError
 from ..ledger import Ledger, tensor_sha256
@@ -112,7 +113,8 @@ def prepare_editor(
             corpus=corp.id,
             corpus_path=None if corp.path is None else str(corp.path),
             n_tokens=n_tokens or DEFAULT_N_TOKENS,
-            prefixes=generate_prefixes(lm),
+            # sampled on rank 0 alone under torchrun: every rank must optimise in the same contexts
+            prefixes=distributed.broadcast_object(generate_prefixes(lm) if distributed.is_main() else None),
             weights_dtype=str(lm.dtype).removeprefix("torch."),
         )
     else:
@@ -199,6 +201,8 @@ def _preserved_covariances(
         "names": len(named),
         "weight": cfg.preserve_weight,
     }
+    if not distributed.is_main():
+        return None  # under torchrun only rank 0 builds the null space (`Editor`)
     templates = context_templates(ledger.state["prefixes"])
     return second_moments(preserved_keys(lm, [*preserved, *named], templates, unbuilt, quiet))
 
@@ -310,17 +314,32 @@ def edit_model(
     `preserved`: facts that must not change; their keys leave AlphaEdit's null space (`prepare_editor`).
 
     `harden_for`: one factory per deployment target, `(model, edited tensor names) -> QuantScheme` (the face
-    builds them from the format simulators); each batch is then hardened against those targets."""
+    builds them from the format simulators); each batch is then hardened against those targets.
+
+    Under torchrun (`cli.edit`: the process group is started) the ranks share each batch's z-optimisation
+    (`Editor.optimise`), rank 0 solves and broadcasts ΔW (`Editor.solve`), and rank 0 alone writes `out` while
+    the others wait; every rank returns the same run. Hardening runs in one process only."""
     cfg = check_edit_config(cfg or EditConfig())
     check_run_values({"batch_size": batch_size, "n_tokens": n_tokens, "corpus": corpus}, "edit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"edit: field 'limit': expected an integer ≥ 1, got {limit!r}")
     check_device(device)
+    if harden_for and distributed.world_size() > 1:
+        raise UsageError(
+            "--harden-for does not run across processes (torchrun); run this edit as one process"
+        )
+    main = distributed.is_main()
+    quiet = quiet or not main  # rank 0 alone shows progress
     out = Path(out)
     if isinstance(edits, list):
         requests = merge_duplicates(edits, "edits")
     else:
         requests = load_requests(edits, limit=limit, merge=True)
+    if distributed.world_size() > 1:
+        # a built-in name or a .gguf is converted into the cache on first use: rank 0 converts, the others wait
+        if main:
+            resolve_model_dir(model)
+        distributed.barrier()
     model_dir = resolve_model_dir(model)
     if out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} is the input model directory; the input is never written")
@@ -348,7 +367,9 @@ def edit_model(
     run.stats_seconds = stats_seconds
     if run.batches:
         with memory.stage("write"):
-            write_model(lm, ledger, out)
+            if main:
+                write_model(lm, ledger, out)
+            distributed.barrier()  # no rank returns before `out` is complete
         run.out = out
     return run
 
