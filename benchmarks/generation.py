@@ -103,6 +103,7 @@ def main() -> None:
                     "chat_question_new",
                     "chat_old",
                     "neighborhood_kept",
+                    "neighborhood_chat_kept",
                 )
             ]
         )
@@ -111,10 +112,14 @@ def main() -> None:
     )
     print_table(
         ["place", "ES (TF)", "PS (TF)", "NS (TF)", "completion new", "chat prompt new", "chat paraphrase new",
-         "chat question new", "chat old", "neighbourhood kept"],
+         "chat question new", "chat old", "neighbourhood kept", "neighbourhood (chat) kept"],
         rows,
     )  # fmt: skip
     doc["generation_survival"] = gen.survival
+    doc["neighborhood_chat_agreement"] = gen.neighborhood_chat_agreement
+    if gen.neighborhood_chat_agreement is not None:
+        print(f"neighbourhood questions in chat, artifact agrees with the paired baseline: "
+              f"{gen.neighborhood_chat_agreement:.1f}%")  # fmt: skip
     doc["perplexity"] = {k: v.value for k, v in res.perplexity.items()}
     print(f"generation survival (artifact verdict == fp32): {gen.survival:.3f}; {'; '.join(gen.notes) or ''}")
     write_json(args.json, doc)

@@ -3,7 +3,9 @@
 - `completion`: the edit prompt, continued as plain text;
 - `chat`: the prompt, each paraphrase and each question sent as the user message through the model's own chat
   template (a runtime whose model has no template answers None: chat is skipped and the report says so);
-- `neighborhood`: each neighbourhood prompt continued as plain text, which should still mention its answer.
+- `neighborhood`: each neighbourhood prompt continued as plain text, which should still mention its answer;
+- `neighborhood_chat`: each neighbourhood prompt that is a question (zsRE's NQ locality questions) also sent as a
+  chat message; its reply should still mention the answer, and should agree with the paired baseline's.
 
 Each text gets a verdict (`verdicts.verdict`): new / old / neither; a neighbourhood text is kept when it mentions
 its answer. The same probes run in every place verify scores (edited fp32, the artifact, unedited fp32, the
@@ -19,7 +21,8 @@ from typing import Protocol, runtime_checkable
 from .requests import EditRequest
 from .verdicts import Verdict, verdict
 
-GEN_KINDS = ("completion", "chat", "neighborhood")
+GEN_KINDS = ("completion", "chat", "neighborhood", "neighborhood_chat")
+CHAT_KINDS = ("chat", "neighborhood_chat")  # sent through the chat template
 KEPT, LOST = "kept", "lost"  # the verdicts of a neighbourhood text
 
 
@@ -48,7 +51,7 @@ DEFAULT_GENERATION = GenerationSettings()
 @dataclass(frozen=True)
 class GenProbe:
     request_id: str
-    kind: str  # completion | chat | neighborhood
+    kind: str  # completion | chat | neighborhood | neighborhood_chat
     text: str  # the prompt, or the user message
     expected: str  # the new answer (neighbourhood: its answer)
     other: str | None = None  # the old answer
@@ -71,11 +74,15 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
         for message, source in asked.items():
             out.append(GenProbe(r.id, "chat", message, r.target_new, r.target_true, new_a, old_a, source))
         for n in r.neighborhood:
-            out.append(
-                GenProbe(
-                    r.id, "neighborhood", n.prompt, n.answer, None, r.aliases_of(n.answer), (), "neighbour"
-                )
+            kinds = (
+                ("neighborhood", "neighborhood_chat")
+                if n.prompt.rstrip().endswith("?")
+                else ("neighborhood",)
             )
+            for kind in kinds:
+                out.append(
+                    GenProbe(r.id, kind, n.prompt, n.answer, None, r.aliases_of(n.answer), (), "neighbour")
+                )
     return out
 
 
@@ -90,7 +97,7 @@ class Generated:
 def judge(probe: GenProbe, text: str | None) -> Generated:
     if text is None:
         return Generated(None, None)
-    if probe.kind == "neighborhood":
+    if probe.kind.startswith("neighborhood"):
         return Generated(
             text, KEPT if verdict(text, probe.expected, None, probe.expected_aliases) == Verdict.NEW else LOST
         )
@@ -101,8 +108,8 @@ def judge(probe: GenProbe, text: str | None) -> Generated:
 
 def generate(gen: TextGenerator, probes: Sequence[GenProbe], settings: GenerationSettings) -> list[Generated]:
     """Run every probe in one runtime, greedily (batched where the runtime offers `complete_many`/`chat_many`)."""
-    chats = [i for i, p in enumerate(probes) if p.kind == "chat"]
-    plain = [i for i, p in enumerate(probes) if p.kind != "chat"]
+    chats = [i for i, p in enumerate(probes) if p.kind in CHAT_KINDS]
+    plain = [i for i, p in enumerate(probes) if p.kind not in CHAT_KINDS]
     conversations = [[{"role": "user", "content": probes[i].text}] for i in chats]
     texts = dict(zip(chats, _each(gen, "chat", conversations, settings.chat_tokens)))
     texts.update(
@@ -161,7 +168,18 @@ def generation_rates(rows: Sequence[GenRow], place: str) -> dict[str, float | No
         "chat_new": of("chat", Verdict.NEW),  # every chat probe: prompt, paraphrases, questions
         "chat_old": of("chat", Verdict.OLD),
         "neighborhood_kept": of("neighborhood", KEPT),
+        "neighborhood_chat_kept": of("neighborhood_chat", KEPT),  # None: no neighbour is a question
     }
+
+
+def agreement(rows: Sequence[GenRow], kind: str, place: str, other: str) -> float | None:
+    """Share (0-100) of `kind` probes whose verdict in `place` equals the one in `other` (both generated)."""
+    pairs = [
+        (r.by[place].verdict, r.by[other].verdict)
+        for r in rows
+        if r.probe.kind == kind and place in r.by and other in r.by
+    ]
+    return _share([a == b for a, b in pairs if a is not None and b is not None])
 
 
 @dataclass
@@ -172,11 +190,14 @@ class GenerationCheck:
     rates: dict[str, dict[str, float | None]]  # place -> rate name -> 0-100
     survival: float | None  # share (0-1) of artifact verdicts equal to fp32's
     notes: list[str] = field(default_factory=list)
+    # share (0-100) of neighbourhood chat replies of the artifact that agree with the paired baseline's (kept or lost)
+    neighborhood_chat_agreement: float | None = None
 
     def to_json(self) -> dict:
         return {
             "rates": self.rates,
             "survival": self.survival,
+            "neighborhood_chat_agreement": self.neighborhood_chat_agreement,
             "notes": list(self.notes),
             "facts": [r.to_json() for r in self.rows],
         }
@@ -194,8 +215,8 @@ def check_generation(
     notes = [
         f"{name}: the model has no chat template; chat probes skipped"
         for name, got in by_place.items()
-        if any(p.kind == "chat" for p in probes)
-        and all(g.text is None for p, g in zip(probes, got) if p.kind == "chat")
+        if any(p.kind in CHAT_KINDS for p in probes)
+        and all(g.text is None for p, g in zip(probes, got) if p.kind in CHAT_KINDS)
     ]
     flags = [r.survived for r in rows if r.survived is not None]
     return GenerationCheck(
@@ -203,4 +224,5 @@ def check_generation(
         {name: generation_rates(rows, name) for name in places},
         None if not flags else sum(flags) / len(flags),
         notes,
+        agreement(rows, "neighborhood_chat", "artifact", "baseline"),
     )

@@ -61,6 +61,45 @@ def test_probes_of_a_request():
     assert judge(probes[-1], "The Louvre is in Rome.").verdict == "lost"
 
 
+class _Canned:
+    """A runtime that answers every chat message with its canned reply (for the agreement arithmetic)."""
+
+    def __init__(self, replies: dict[str, str]):
+        self.replies = replies
+
+    def complete(self, prompt: str, max_new_tokens: int) -> str:
+        return self.replies.get(prompt, "")
+
+    def chat(self, messages, max_new_tokens: int) -> str | None:
+        return self.replies.get(messages[-1]["content"], "")
+
+
+def test_question_neighbours_are_also_asked_in_chat_and_compared_with_the_baseline():
+    """zsRE's NQ locality question is a neighbour that is a question: besides its completion it is sent as a chat
+    message; kept = its answer is mentioned; agreement = the artifact's kept/lost equal to the paired baseline's."""
+    nq = Neighbor("Who wrote the novel Dracula?", "Bram Stoker")
+    other = Neighbor("Who painted the Mona Lisa?", "Leonardo da Vinci")
+    req = EditRequest(
+        "Which city is the Eiffel Tower in?", "the Eiffel Tower", "Rome", "Paris", (), (nq, other), "e"
+    )
+    probes = generation_probes([req])
+    assert [p.kind for p in probes if p.source == "neighbour"] == [
+        "neighborhood", "neighborhood_chat", "neighborhood", "neighborhood_chat"
+    ]  # fmt: skip
+    assert [p.kind for p in generation_probes([REQ]) if p.source == "neighbour"] == ["neighborhood"]  # no "?"
+    said = {"Which city is the Eiffel Tower in?": "Rome."}
+    artifact = _Canned({**said, nq.prompt: "Bram Stoker wrote it.", other.prompt: "I do not know."})
+    baseline = _Canned({nq.prompt: "It was Bram Stoker.", other.prompt: "Leonardo da Vinci."})
+    check = check_generation([req], {"fp32": artifact, "artifact": artifact, "baseline": baseline})
+    assert check.rates["artifact"]["neighborhood_chat_kept"] == 50.0
+    assert check.rates["baseline"]["neighborhood_chat_kept"] == 100.0
+    assert check.neighborhood_chat_agreement == 50.0  # Dracula agrees, the Mona Lisa does not
+    assert check.to_json()["neighborhood_chat_agreement"] == 50.0
+    assert (
+        check_generation([REQ], {"fp32": artifact, "artifact": artifact}).neighborhood_chat_agreement is None
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> Path:
     return tiny_model_dir("llama", hidden=256, ffn=512)

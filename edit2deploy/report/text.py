@@ -103,7 +103,14 @@ def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
-GEN_RATES = ("completion_new", "chat_prompt_new", "chat_new", "chat_old", "neighborhood_kept")
+GEN_RATES = (
+    "completion_new",
+    "chat_prompt_new",
+    "chat_new",
+    "chat_old",
+    "neighborhood_kept",
+    "neighborhood_chat_kept",
+)
 GEN_HEADERS = (
     "target",
     "place",
@@ -114,6 +121,7 @@ GEN_HEADERS = (
     "chat new",
     "chat old",
     "neighbourhood kept",
+    "neighbourhood (chat) kept",
 )
 GEN_TEXT_HEADERS = ("target", "id", "kind", "asked", "new answer", "fp32", "artifact", "artifact's text")
 
@@ -139,8 +147,12 @@ def generation_tables(doc: dict) -> GenerationTables | None:
                 + [_pct(r.get(k)) for k in GEN_RATES]
             )
         notes += [f"{t['target']}: {n}" for n in gen["notes"]]
+        agree = gen.get("neighborhood_chat_agreement")
+        if agree is not None:
+            notes.append(f"{t['target']}: neighbourhood questions asked in chat: the artifact's reply keeps or loses the "
+                         f"answer as the paired baseline's does for {agree:.1f}%")  # fmt: skip
         for f in gen["facts"]:
-            if f["kind"] != "neighborhood":
+            if not f["kind"].startswith("neighborhood"):
                 verdicts = [f["verdict_fp32"] or "-", f["verdict_artifact"] or "-"]
                 asked = [t["target"], f["request_id"], f["kind"], f["text"][:60], f["expected"]]
                 texts.append(asked + verdicts + [" ".join((f["text_artifact"] or "").split())])
