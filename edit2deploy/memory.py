@@ -38,6 +38,18 @@ def _reset_hwm() -> bool:
         return False
 
 
+def available_mib() -> float | None:
+    """Memory the OS could give this process now without swapping (Linux's MemAvailable), MiB; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def process_peak_mib() -> float:
     """The process's peak RSS so far, in MiB (ru_maxrss: kB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

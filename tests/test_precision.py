@@ -176,10 +176,17 @@ def test_peak_memory_per_stage_sees_the_allocation():
     assert mem.to_json()["peak_rss_mib"] == mem.rss
 
 
-def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(half_model_dir, cache, tmp_path):
+def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(
+    half_model_dir, cache, tmp_path, monkeypatch
+):
     """The whole chain on a bf16 checkpoint: the exporter reads the float32 edited projections beside bf16
-    tensors, llama.cpp verifies, and the report gives each stage's peak memory."""
+    tensors, llama.cpp verifies (one runtime at a time, as for a model that fits memory only once), and the report
+    gives each stage's peak memory."""
     from edit2deploy import run
+    from edit2deploy.ops import run as run_module
+
+    available = run_module.available_mib
+    monkeypatch.setattr(run_module, "available_mib", lambda: 1.0)  # as if the model barely fit
 
     res = run(
         str(half_model_dir("llama")),
@@ -199,6 +206,7 @@ def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(half
     assert {"edit", "reference", "export gguf:Q8_0", "verify gguf:Q8_0"} <= set(peaks)
     assert all(v > 0 for v in peaks.values())
     assert "Peak memory" in res.reports["md"].read_text()
+    monkeypatch.setattr(run_module, "available_mib", available)
     # asking for float32 weights edits again (the reused model was made in bf16)
     again = run(
         str(half_model_dir("llama")), edits_file(tmp_path), "gguf:Q8_0", tmp_path / "run", cfg=CFG, corpus=cache,
@@ -206,3 +214,28 @@ def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(half
     )  # fmt: skip
     assert not again.edit_cached and "loaded in bfloat16, not float32" in again.edit_note
     assert set(stored_dtypes(again.model_dir).values()) == {"F32"}
+
+
+def test_open_slot_keeps_one_runtime_open_and_the_scores_equal(tiny_model_dir):
+    """Verify of a model too big to hold three times: scorers sharing an `OpenSlot` open one model at a time (the
+    other is closed, its scores kept) and score exactly what they score when all stay open."""
+    from edit2deploy.ops.scores import CachedScorer, OpenSlot, torch_factory
+
+    a_dir, b_dir = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    pairs = [("The Eiffel Tower is in", " Paris"), ("Messi plays", " football")]
+    free = [CachedScorer(torch_factory(d, "cpu")) for d in (a_dir, b_dir)]
+    slot = OpenSlot()
+    held = [CachedScorer(torch_factory(d, "cpu"), slot=slot) for d in (a_dir, b_dir)]
+    want = [s.score(pairs) for s in free]
+    got_a = held[0].score(pairs)
+    assert held[0].opened
+    got_b = held[1].score(pairs)
+    assert held[1].opened and not held[0].opened  # opening the second closed the first
+    assert held[0].score(pairs) == got_a and not held[0].opened  # remembered: no reopening
+    held[0].score([("Rome is in", " Italy")])  # something new: reopens, closing the other
+    assert held[0].opened and not held[1].opened and slot.opens == 3
+    for got, exp in zip((got_a, got_b), want, strict=True):
+        assert [g.logprobs for g in got] == [e.logprobs for e in exp]
+    for s in (*free, *held):
+        s.close()
+    assert slot.holder is None

@@ -44,7 +44,7 @@ from ..formats import DEFAULT_PROTECTION, Protection, Target, get_format, parse_
 from ..gates import Gates, perplexity
 from ..generation import DEFAULT_GENERATION
 from ..ledger import Ledger
-from ..memory import PeakMemory
+from ..memory import PeakMemory, available_mib
 from ..methods import EditConfig
 from ..methods.harden import HardenConfig
 from ..models import check_device, resolve_model_dir, weights_fingerprint
@@ -58,7 +58,7 @@ from .predict import scheme_factories
 from .report import build_report
 from .results import EditStage, ExportStage, RunResult, TargetResult
 from .reuse import edit_reuse_problem
-from .scores import CachedScorer, HeldOut, jsonable, load_heldout, scores_store, torch_factory
+from .scores import CachedScorer, HeldOut, OpenSlot, jsonable, load_heldout, scores_store, torch_factory
 from .settings import check_edit_config, check_run_values
 from .verify import check_artifact, gates_for
 
@@ -291,9 +291,12 @@ def verify_stage(
     decode = AutoTokenizer.from_pretrained(edit.model_dir).decode
     ref_key = {"scorer": "torch", "weights": edit.source_fingerprint, "device": device}
     base_key = {"scorer": "torch", "weights": edit.base_fingerprint, "device": device}
-    reference = CachedScorer(torch_factory(edit.model_dir, device), scores_store("torch", ref_key), ref_key)
+    slot = one_at_a_time(edit.model_dir, log)
+    reference = CachedScorer(
+        torch_factory(edit.model_dir, device), scores_store("torch", ref_key), ref_key, slot
+    )
     base_reference = CachedScorer(
-        torch_factory(edit.base_model_dir, device), scores_store("torch", base_key), base_key
+        torch_factory(edit.base_model_dir, device), scores_store("torch", base_key), base_key, slot
     )
     results = []
     try:
@@ -321,6 +324,7 @@ def verify_stage(
                     inp.heldout,
                     cache_key={"target": str(ex.target), "base": edit.base_fingerprint},
                     generation=DEFAULT_GENERATION if inp.config.generation else None,
+                    slot=slot,
                 )
             secs = {**ex.seconds, "verify": time.perf_counter() - t0}
             results.append(_target_result(ex, check, inp.gates[ex.target], secs))
@@ -328,6 +332,17 @@ def verify_stage(
         reference.close()
         base_reference.close()
     return VerifyStage(ppl, results, ref_seconds)
+
+
+def one_at_a_time(model_dir: Path, log: Log) -> OpenSlot | None:
+    """An `OpenSlot` when three copies of the model (edited and unedited references, an artifact) may not fit in the
+    memory available now: verify then holds one runtime at a time, reloading as it goes; else None (all stay open)."""
+    size_mib = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    free = available_mib()
+    if free is None or 3 * size_mib < free:
+        return None
+    log(f"verify: one runtime at a time ({size_mib:,.0f} MiB of weights, {free:,.0f} MiB available)")
+    return OpenSlot()
 
 
 def _target_result(ex: ExportStage, check, gates: Gates, seconds: dict[str, float]) -> TargetResult:

@@ -68,6 +68,22 @@ def load_heldout(path: str | Path | None = None) -> HeldOut:
     return HeldOut(source, tuple(pairs))
 
 
+class OpenSlot:
+    """Scorers sharing a slot hold at most one model open between them: opening one closes the other (its scores
+    are kept, and it reopens when asked something new). Verify of a model that fits memory once but not three
+    times (edited reference, unedited reference, artifact) then loads one runtime at a time."""
+
+    def __init__(self) -> None:
+        self.holder: CachedScorer | None = None
+        self.opens = 0
+
+    def take(self, scorer: CachedScorer) -> None:
+        if self.holder is not None and self.holder is not scorer:
+            self.holder.close()
+        self.holder = scorer
+        self.opens += 1
+
+
 class CachedScorer:
     """A `Scorer` (and `TextGenerator`) that remembers scores per (prompt, continuation) and generated texts per
     (prompt or conversation, length), optionally on disk, and opens the real scorer (`factory()`) only when
@@ -80,9 +96,16 @@ class CachedScorer:
 
     name = "cached"
 
-    def __init__(self, factory: Callable[[], Scorer], store: Path | None = None, key: dict | None = None):
+    def __init__(
+        self,
+        factory: Callable[[], Scorer],
+        store: Path | None = None,
+        key: dict | None = None,
+        slot: OpenSlot | None = None,
+    ):
         self._factory = factory
         self._inner: Scorer | None = None
+        self.slot = slot
         self.store = store
         self.key = jsonable(key or {})
         self._memo: dict[tuple[str, str], Scored] = {}
@@ -95,6 +118,8 @@ class CachedScorer:
     @property
     def inner(self) -> Scorer:
         if self._inner is None:
+            if self.slot is not None:
+                self.slot.take(self)
             self._inner = self._factory()
         return self._inner
 
@@ -203,6 +228,8 @@ class CachedScorer:
 
     def close(self) -> None:
         self.save()
+        if self.slot is not None and self.slot.holder is self:
+            self.slot.holder = None
         inner, self._inner = self._inner, None
         close = getattr(inner, "close", None)
         if close is not None:

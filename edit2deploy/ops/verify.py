@@ -24,6 +24,7 @@ from .baseline import paired_baseline
 from .scores import (
     CachedScorer,
     HeldOut,
+    OpenSlot,
     artifact_factory,
     file_identity,
     load_heldout,
@@ -72,18 +73,20 @@ def check_artifact(
     heldout: HeldOut | None = None,
     cache_key: dict | None = None,
     generation: GenerationSettings | None = DEFAULT_GENERATION,
+    slot: OpenSlot | None = None,
 ) -> ArtifactCheck:
     """Score the fact suite in the artifact's runtime (and its paired baseline's) against the references, run the
     generation probes in all four places (unless `generation` is None), apply the gates, and measure held-out
     perplexity when `heldout` is given or the perplexity gate is on.
 
     `cache_key`: remember the artifact's scores on disk under this key plus the files' identity (`run` does;
-    a rerun with unchanged artifacts then opens no runtime)."""
-    scorer = _artifact_scorer(fmt, art, cache_key)
+    a rerun with unchanged artifacts then opens no runtime). `slot`: the references' `OpenSlot`, shared with the
+    artifact's scorers so that one runtime at a time is open."""
+    scorer = _artifact_scorer(fmt, art, cache_key, slot)
     base_scorer = (
         None
         if base_art is None
-        else _artifact_scorer(fmt, base_art, cache_key and {"baseline_of": cache_key})
+        else _artifact_scorer(fmt, base_art, cache_key and {"baseline_of": cache_key}, slot)
     )
     try:
         ver = score_and_gate(
@@ -112,11 +115,13 @@ def check_artifact(
     return ArtifactCheck(ver, art_ppl, base_ppl)
 
 
-def _artifact_scorer(fmt: Format, art: Artifact, cache_key: dict | None) -> CachedScorer:
+def _artifact_scorer(
+    fmt: Format, art: Artifact, cache_key: dict | None, slot: OpenSlot | None = None
+) -> CachedScorer:
     if cache_key is None:
-        return CachedScorer(artifact_factory(fmt, art))
+        return CachedScorer(artifact_factory(fmt, art), slot=slot)
     key = {**cache_key, "record": art.to_json(), **file_identity(art.path)}
-    return CachedScorer(artifact_factory(fmt, art), scores_store(fmt.name, key), key)
+    return CachedScorer(artifact_factory(fmt, art), scores_store(fmt.name, key), key, slot)
 
 
 @dataclass
