@@ -8,6 +8,7 @@ unedited, and the paired baseline. Prints both side by side.
 
     cd benchmarks && python generation.py --data counterfact --split val --n 100 --batch-size 25
     cd benchmarks && python generation.py --data zsre --n 100 --batch-size 25
+    cd benchmarks && python generation.py --data zsre --distinct-subjects --n 100 --batch-size 25 --set chat_contexts=auto
     cd benchmarks && python generation.py --n 100 --set chat_contexts=off   # text contexts only
     cd benchmarks && python generation.py --n 100 --set chat_contexts=auto --set chat_keys=own --harden
 
@@ -56,12 +57,24 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an [edit] setting")
     ap.add_argument(
+        "--distinct-subjects",
+        action="store_true",
+        help="only the first record of each subject (zsRE's head gives one subject several contradicting targets)",
+    )
+    ap.add_argument(
         "--harden", action="store_true", help="harden each batch against --target (`run --harden`)"
     )
     args = ap.parse_args()
     source = ZSRE if args.data == "zsre" else COUNTERFACT / f"counterfact-{args.split}.json"
-    requests = load_requests(source, limit=args.n, offset=args.offset)
-    out = Path(args.out or f"out/generation-{args.data}-{args.offset}-{args.n}")
+    if args.distinct_subjects:
+        first: dict[str, object] = {}
+        for r in load_requests(source):
+            first.setdefault(r.subject.strip().lower(), r)
+        requests = list(first.values())[args.offset : args.offset + args.n]
+    else:
+        requests = load_requests(source, limit=args.n, offset=args.offset)
+    tag = "-distinct" if args.distinct_subjects else ""
+    out = Path(args.out or f"out/generation-{args.data}{tag}-{args.offset}-{args.n}")
     t = time.perf_counter()
     res = edit2deploy.run(
         "smollm2-135m",
