@@ -107,12 +107,28 @@ def compute_in_float32(model: torch.nn.Module) -> int:
     return n
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """y = x Wᵀ + b in float32 from a half-precision frozen W. Backward upcasts W again rather than keeping the
+    forward's float32 copy: saved for backward, those copies would add up to the model in float32 (z-optimisation
+    backpropagates through every layer above the edited one)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        b = None if bias is None else bias.float()
+        return torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return (grad.float() @ weight.float()).to(grad.dtype), None, None
+
+
 def _float32_forward(lin: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) or lin.weight.requires_grad:
             return torch.nn.functional.linear(x, lin.weight, lin.bias)
-        bias = None if lin.bias is None else lin.bias.float()
-        return torch.nn.functional.linear(x.float(), lin.weight.float(), bias).to(x.dtype)
+        return _UpcastLinear.apply(x, lin.weight, lin.bias)
 
     return forward
 

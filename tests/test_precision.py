@@ -239,3 +239,25 @@ def test_open_slot_keeps_one_runtime_open_and_the_scores_equal(tiny_model_dir):
     for s in (*free, *held):
         s.close()
     assert slot.holder is None
+
+
+def test_float32_products_from_bf16_weights_give_torch_s_own_gradients():
+    """The AVX2 path (`compute_in_float32`): outputs and input gradients as an explicit float32 product, the weight
+    kept in bf16 (no float32 copy is saved for backward)."""
+    from edit2deploy.precision import compute_in_float32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    ref = [(m.weight.float(), m.bias.float()) for m in model]
+    assert compute_in_float32(model) == 2
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    h = x
+    for w, b in ref:
+        h = torch.nn.functional.linear(h.float(), w, b).to(torch.bfloat16)
+    h.float().sum().backward()
+    assert torch.equal(got, x.grad)
+    assert all(m.weight.dtype == torch.bfloat16 for m in model)
