@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=20_000)
     ap.add_argument("--root", default="out/memory")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fresh", action="store_true", help="measure again what an earlier run already measured")
     ap.add_argument("--make", default=None, metavar="SIZE", help="only make the SIZE model under --root")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the built-in SmolLM2's)")
     ap.add_argument("--device", default="cpu", help="where --make builds the random weights")
@@ -131,12 +133,21 @@ def main() -> None:
         peaks = {}
         for dtype in args.dtypes.split(","):
             out = root / f"run-{size}-{dtype}"
-            cmd = [sys.executable, __file__, "--n", str(args.n), "--n-tokens", str(args.n_tokens), "--child",
-                   str(model), dtype, str(out)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                sys.exit(f"{size} {dtype} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            done = out / "measured.json"  # a finished measurement with these settings is read, not repeated
+            r = json.loads(done.read_text()) if done.is_file() and not args.fresh else None
+            if r is None or (r.get("n"), r.get("n_tokens")) != (args.n, args.n_tokens):
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = [sys.executable, __file__, "--n", str(args.n), "--n-tokens", str(args.n_tokens), "--child",
+                       str(model), dtype, str(out)]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    sys.exit(f"{size} {dtype} failed:\n{proc.stderr[-3000:]}")
+                r = {
+                    **json.loads(proc.stdout.strip().splitlines()[-1]),
+                    "n": args.n,
+                    "n_tokens": args.n_tokens,
+                }
+                done.write_text(json.dumps(r))
             stages = r["memory"]["peak_rss_mib"]
             peaks[dtype] = max(stages.values())
             doc["runs"][f"{size}-{dtype}"] = {**r, "checkpoint_mib": ckpt_mib, "target_mib": target}
