@@ -102,9 +102,29 @@ def architecture_for(model_type: str) -> Architecture:
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from final hidden states through the model's own head (tied embeddings, soft-capping)."""
+    """Logits from final hidden states through the model's own head (tied embeddings, soft-capping), on
+    `hidden`'s device (a model dispatched across devices may hold its head on another)."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits
+    return logits.to(hidden.device)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device in a model dispatched with a device map (its
+    weights may be offloaded, on the meta device), else its first parameter's or buffer's device."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    hooks += list(getattr(hooks[0], "hooks", ()))  # a SequentialHook holds several
+    for hook in hooks:
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's input ids go to: its input embeddings' execution device."""
+    return execution_device(model.get_input_embeddings())

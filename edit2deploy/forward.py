@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 
 
 class StopForward(Exception):
@@ -43,14 +44,51 @@ def replay_lower_blocks(
     def top(hidden_states, *args, **kwargs):
         return wrap(top_output())
 
+    # A block may already have a forward of its own (accelerate's hook in a model dispatched with a device map):
+    # put back whatever was there.
+    saved = [vars(b).get("forward") for b in blocks]
     for b in blocks[:-1]:
         b.forward = passthrough
     blocks[-1].forward = top
     try:
         yield
     finally:
-        for b in blocks:
-            del b.forward  # back to the class's forward
+        for b, own in zip(blocks, saved, strict=True):
+            if own is None:
+                del b.forward  # back to the class's forward
+            else:
+                b.forward = own
+
+
+def recompute_offloaded(model: torch.nn.Module) -> int:
+    """Make the forward of every module whose weights accelerate offloads (a model dispatched with a device map:
+    "disk", or "cpu" beside a GPU) a checkpoint; returns how many.
+
+    Why: accelerate loads an offloaded module's weights for its forward and offloads them after it, but autograd
+    keeps what the forward saved, the loaded weights included, until the backward: a z-optimisation step (its
+    backward runs through every block above the z layer) would hold every offloaded weight at once. Recomputed
+    in the backward instead, a module's weights are loaded again for its own backward only. Outside autograd
+    (no_grad, statistics, scoring) the forward runs as it was. Only leaf modules carry these hooks, so a
+    recomputation never touches a KV cache."""
+    n = 0
+    for m in model.modules():
+        hook = getattr(m, "_hf_hook", None)
+        if hook is None or not getattr(hook, "offload", False) or "forward" not in vars(m):
+            continue
+        m.forward = _recomputed(m.forward)
+        n += 1
+    return n
+
+
+def _recomputed(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # No early stop: the recomputation must run to its end, where accelerate offloads the weights again.
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,20 +8,26 @@ half-written cache is never used.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.resources
 import importlib.util
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .arch import Architecture, architecture_for
+from .arch import Architecture, architecture_for, input_device
 from .atomic import atomic_dir, remove_stale_temps
 from .errors import UsageError
+from .forward import recompute_offloaded
 from .precision import (
     compute_in_float32,
     cpu_has_fast_bf16,
@@ -310,11 +316,204 @@ def check_device(device: str) -> torch.device:
     return torch_device
 
 
-def open_model(spec: str | os.PathLike, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+DEVICE_MAPS = ("auto",)  # `--device-map` choices
+_MAX_MEMORY_HINT = "(expected DEVICE=SIZE,... e.g. 0=20GiB,cpu=60GiB)"
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def _size_bytes(size: str | int, device: str) -> int:
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?", str(size).strip(), re.IGNORECASE)
+        n = int(float(m[1]) * _UNITS[(m[2] or "b").lower()]) if m else 0
+    if n < 1:
+        raise UsageError(
+            f"--max-memory: size '{size}' for {device}: expected a positive size {_MAX_MEMORY_HINT}"
+        )
+    return n
+
+
+def _device_key(key: str | int) -> int | str:
+    text = str(key).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if re.fullmatch(r"(cuda:)?\d+", text):
+        return int(text.removeprefix("cuda:"))
+    raise UsageError(f"--max-memory: unknown device '{key}': a GPU index or cpu {_MAX_MEMORY_HINT}")
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """`--max-memory 0=20GiB,cpu=60GiB` as accelerate's `max_memory`: GPU index or "cpu" -> bytes (units B, KB,
+    MB, GB, TB and KiB..TiB; a bare number is bytes)."""
+    out: dict[int | str, int] = {}
+    for item in str(text).split(","):
+        key, eq, size = (part.strip() for part in item.partition("="))
+        if not (key and eq and size):
+            raise UsageError(f"--max-memory: '{item.strip()}' is not DEVICE=SIZE {_MAX_MEMORY_HINT}")
+        device = _device_key(key)
+        if device in out:
+            raise UsageError(f"--max-memory: device '{key}' given twice {_MAX_MEMORY_HINT}")
+        out[device] = _size_bytes(size, key)
+    return out
+
+
+def check_max_memory(max_memory: dict | str | None) -> dict[int | str, int] | None:
+    """`max_memory` (a `--max-memory` string, or a dict as accelerate takes it) as GPU index or "cpu" -> bytes,
+    naming only GPUs torch sees."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, str):
+        out = parse_max_memory(max_memory)
+    elif isinstance(max_memory, dict) and max_memory:
+        out = {}
+        for key, size in max_memory.items():
+            device = _device_key(key)
+            if device in out:
+                raise UsageError(f"--max-memory: device '{key}' given twice {_MAX_MEMORY_HINT}")
+            out[device] = _size_bytes(size, str(key))
+    else:
+        raise UsageError(f"--max-memory: expected DEVICE=SIZE pairs, got {max_memory!r} {_MAX_MEMORY_HINT}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in out:
+        if isinstance(device, int) and device >= gpus:
+            raise UsageError(
+                f"--max-memory: GPU {device} was named but torch sees {gpus} CUDA device(s) {_MAX_MEMORY_HINT}"
+            )
+    return out
+
+
+def _fmt_size(n: float) -> str:
+    """A size rounded up, in MiB below 1 GiB, else in GiB to a tenth."""
+    if n < 2**30:
+        return f"{math.ceil(n / 2**20)}MiB"
+    return f"{math.ceil(n / 2**30 * 10) / 10:g}GiB"
+
+
+def _placement(device_map: dict, name: str):
+    """Where `device_map` puts module `name` (its longest prefix entry)."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)] if keys else "disk"
+
+
+def _resident(device, device_map: dict) -> bool:
+    """Whether a module placed on `device` holds real weights once dispatched: a GPU always; the CPU only when no
+    GPU is in the map (beside one, accelerate offloads the CPU's modules and moves them in for each forward)."""
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return True
+    return device == "cpu" and not any(isinstance(d, int) for d in device_map.values())
+
+
+def resident_device_map(
+    model_dir: Path,
+    dtype: torch.dtype,
+    arch: Architecture,
+    max_memory: dict[int | str, int] | None,
+    resident: Sequence[int],
+) -> dict[str, int | str]:
+    """accelerate's automatic device map (`infer_auto_device_map` over the model on the meta device, balanced over
+    the GPUs as transformers' `device_map="auto"`) for `model_dir` under `max_memory`, with the blocks of the
+    layers `resident` held in memory (edits write into their projections), else a usage error naming the first
+    one that is not and the memory it needs."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    meta.tie_weights()  # a tied head shares the embedding's place (and is counted once)
+    n_layers = config.get_text_config().num_hidden_layers
+    layers = sorted({li for li in resident if 0 <= li < n_layers})
+    for li in layers:  # sized as they will be held: in float32 (`precision.hold_in_float32`)
+        module = meta.get_submodule(arch.mlp_out_name(li))
+        module.weight = torch.nn.Parameter(
+            torch.empty(module.weight.shape, dtype=torch.float32, device="meta"), requires_grad=False
+        )
+    no_split = meta._no_split_modules
+    memory = get_balanced_memory(
+        meta, max_memory=dict(max_memory) if max_memory else None, no_split_module_classes=no_split
+    )
+
+    def infer(mem: dict) -> tuple[dict, list[int]]:
+        dm = infer_auto_device_map(meta, max_memory=mem, no_split_module_classes=no_split)
+        return dm, [li for li in layers if not _resident(_placement(dm, arch.mlp_out_name(li)), dm)]
+
+    device_map, away = infer(memory)
+    if not away:
+        return device_map
+    # The memory the device the edited blocks should fill (the last GPU, or the CPU without one) would need.
+    gpus = sorted(d for d in memory if isinstance(d, int) and memory[d] > 0)
+    target = gpus[-1] if gpus else "cpu"
+    lo, hi = memory.get(target, 0), memory.get(target, 0) + 2 * compute_module_sizes(meta)[""] + 2**20
+    if infer({**memory, target: hi})[1]:
+        need = None
+    else:
+        while hi - lo > 2**20:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if not infer({**memory, target: mid})[1] else (mid, hi)
+        need = hi
+    li = away[0]
+    where = _placement(device_map, arch.mlp_out_name(li))
+    held = "on a GPU" if any(isinstance(d, int) for d in device_map.values()) else "in CPU memory"
+    flag = "--max-memory" if max_memory else "--device-map auto (this machine's free memory)"
+    others = ", the other devices as they are" if len(memory) > 1 else ""
+    advice = (
+        f"give {target} about {_fmt_size(need)} (--max-memory {target}={_fmt_size(need)}{others}) "
+        "or edit lower layers (--layers)"
+        if need is not None
+        else "edit lower layers (--layers)"
+    )
+    raise UsageError(
+        f"{flag}: edited layer {li} ({arch.block_name(li)}) would be offloaded "
+        f"{'to disk' if where == 'disk' else f'from {where}'}; edited layers must be held {held}: {advice}"
+    )
+
+
+def _offload_folder() -> Path:
+    """A fresh folder under the cache root for the weights accelerate offloads to disk, removed when the process
+    ends. (Weights read as stored from safetensors are offloaded in place, from the model's own files.)"""
+    root = cache_root() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def open_model(
+    spec: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict | str | None = None,
+    resident: Sequence[int] | None = None,
+) -> LoadedModel:
     """Load a model for editing/scoring, its weights in `dtype` (`precision.WEIGHT_DTYPES`; "auto": the
-    checkpoint's). Edited projections an edited model stores in float32 are held in float32 (`precision`)."""
+    checkpoint's). Edited projections an edited model stores in float32 are held in float32 (`precision`).
+
+    `device_map="auto"`: accelerate's big-model inference places the model across the GPUs, the CPU and (past
+    them) disk under `max_memory` (`--max-memory`; default: what the devices have free) instead of on `device`;
+    the blocks of the layers `resident` (default: the architecture's edited layers), and of those an edited
+    model stores in float32, stay in memory (`resident_device_map`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map: '{device_map}' (expected {' or '.join(DEVICE_MAPS)})")
+    if max_memory is not None and device_map is None:
+        raise UsageError("--max-memory needs --device-map auto")
+    if device_map is not None and str(device) != "cpu":
+        raise UsageError(f"--device {device} and --device-map: give one (the device map places the model)")
+    memory = check_max_memory(max_memory)
     torch_device = check_device(device)
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
@@ -330,18 +529,36 @@ def open_model(spec: str | os.PathLike, device: str = "cpu", dtype: str = "auto"
             f"{model_dir}: cannot load the tokenizer (expected tokenizer.json or the family's tokenizer files; "
             f"{_first_line(exc)})"
         ) from exc
+    n_layers = (config.get("text_config") or config).get("num_hidden_layers") or config.get("n_layer") or 0
+    projections = [arch.mlp_out_name(li) for li in range(n_layers)]
+    kept = (
+        stored_float32(model_dir, [f"{n}.weight" for n in projections])
+        if torch_dtype != torch.float32
+        else {}
+    )
+    placement: dict = {}
+    if device_map is not None:
+        wanted = [*(arch.layers_for(n_layers) if resident is None else resident)]
+        if len(kept) < len(projections):  # an edited model's float32 projections (not a float32 checkpoint's)
+            wanted += [li for li, n in enumerate(projections) if f"{n}.weight" in kept]
+        placement = {"device_map": resident_device_map(model_dir, torch_dtype, arch, memory, wanted)}
+        if "disk" in placement["device_map"].values():
+            placement["offload_folder"] = str(_offload_folder())
     try:
         # safetensors only: never unpickle a pytorch_model.bin (the design's rule for weights)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, use_safetensors=True, **placement
+        )
     except (OSError, ValueError) as exc:  # no or unreadable weights, bad config values
         raise UsageError(f"{model_dir}: cannot load the model weights ({_first_line(exc)})") from exc
-    if torch_dtype != torch.float32:
-        projections = [
-            arch.mlp_out_name(li) for li in range(model.config.get_text_config().num_hidden_layers)
-        ]
-        kept = stored_float32(model_dir, [f"{n}.weight" for n in projections])
-        hold_in_float32(model, [n for n in projections if f"{n}.weight" in kept], kept)
-    model = model.to(torch_device)
+    if kept:  # (offloaded ones stay as loaded: on the meta device here, they are read back in `dtype`)
+        held = [n for n in projections if f"{n}.weight" in kept]
+        hold_in_float32(model, [n for n in held if model.get_submodule(n).weight.device.type != "meta"], kept)
+    if device_map is None:
+        model = model.to(torch_device)
+    else:
+        recompute_offloaded(model)
+        torch_device = input_device(model)
     if torch_dtype != torch.float32 and torch_device.type == "cpu" and not cpu_has_fast_bf16():
         compute_in_float32(model)
     model.eval()

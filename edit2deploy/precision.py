@@ -100,9 +100,15 @@ def compute_in_float32(model: torch.nn.Module) -> int:
     bf16's memory at float32's speed (one layer's float32 copy at a time)."""
     n = 0
     for lin in model.modules():
-        if type(lin) is not torch.nn.Linear or "forward" in vars(lin) or lin.weight.dtype == torch.float32:
+        if type(lin) is not torch.nn.Linear or lin.weight.dtype == torch.float32:
             continue
-        lin.forward = _float32_forward(lin)
+        if "forward" not in vars(lin):
+            lin.forward = _float32_forward(lin)
+        elif getattr(getattr(lin, "_old_forward", None), "__func__", None) is torch.nn.Linear.forward:
+            # dispatched with a device map: accelerate's hook calls `_old_forward` once the weights are in place
+            lin._old_forward = _float32_forward(lin)
+        else:
+            continue
         n += 1
     return n
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .arch import head_logits
+from .arch import head_logits, input_device
 
 
 @dataclass(frozen=True)
@@ -177,14 +177,14 @@ class TorchScorer:
             logits = self.model(**inputs).logits[where_r, where_c]  # no separable head: score every position
         else:
             logits = head_logits(self.model, body(**inputs)[0][where_r, where_c])
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1).to(ids.device)
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
         tokenized = [self.tokenize(p, c) for p, c in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -(len(tokenized[i][0]) + len(tokenized[i][1])))
         out: list[Scored | None] = [None] * len(pairs)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             seqs = [tokenized[i][0] + tokenized[i][1][:-1] for i in chunk]
@@ -210,7 +210,7 @@ class TorchScorer:
     @torch.no_grad()
     def _greedy(self, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
         """Greedy continuations of token sequences, batched (left-padded, positions from the mask)."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         out: list[str] = [""] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), self.batch_size):

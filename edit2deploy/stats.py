@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
+from .arch import execution_device, input_device
 from .atomic import atomic_path
 from .errors import Edit2DeployError, UsageError
 from .forward import StopForward, run_until_stop
@@ -144,7 +145,7 @@ def generated_token_chunks(
     text it imagines; the separator itself is not part of the chunk, as it is not part of a text corpus's.
     """
     tok, model = lm.tokenizer, lm.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     start = document_start(tok)
     seed_ids = [tok(w, add_special_tokens=True)["input_ids"] for w in GENERATION_SEEDS]
@@ -288,11 +289,20 @@ def collect_key_stats(
     Across processes (`distributed`), rank r runs the chunks i with i % world == r and the float64 sums and
     token counts are then summed over the ranks, so every rank returns the C of the whole corpus."""
     model, arch = lm.model, lm.arch
-    device = next(model.parameters()).device
+    device = input_device(model)
     world, rank = distributed.world_size(), distributed.rank()
     # Allocated up front: a rank with no chunk of its own still takes part in the sum, with zeros.
     d_in = {li: arch.to_out_in(arch.get_weight(model, li)).shape[1] for li in layers}
-    acc = {li: torch.zeros(d_in[li], d_in[li], dtype=torch.float64, device=device) for li in layers}
+    # each layer's sums where its keys are (a model dispatched across GPUs computes its layers on several)
+    acc = {
+        li: torch.zeros(
+            d_in[li],
+            d_in[li],
+            dtype=torch.float64,
+            device=execution_device(model.get_submodule(arch.mlp_out_name(li))),
+        )
+        for li in layers
+    }
     counts = dict.fromkeys(layers, 0)
     last = max(layers)
 

@@ -73,6 +73,23 @@ def add_dtype(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     )
 
 
+def add_device_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device-map",
+        default=None,
+        metavar="auto",
+        help="auto: place a model past one device across the GPUs, the CPU and (past them) disk with accelerate's "
+        "big-model inference, the edited layers held in memory (instead of --device)",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEVICE=SIZE,...",
+        help="with --device-map auto: memory each device may hold, e.g. 0=20GiB,cpu=60GiB (default: what each has "
+        "free)",
+    )
+
+
 def add_no_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-generation",

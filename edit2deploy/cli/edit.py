@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..formats import DEFAULT_PROTECTION
-from .common import add_dtype, add_set, count, non_negative, positive, print_table
+from .common import add_device_map, add_dtype, add_set, count, non_negative, positive, print_table
 
 
 def add_edit(sub) -> Callable:
@@ -54,6 +54,7 @@ def add_edit(sub) -> Callable:
     )
     p.add_argument("--limit", type=positive, default=None, help="only the first N requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_map(p)
     add_dtype(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     h = p.add_argument_group("quantization-aware hardening")
@@ -123,7 +124,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     batch's z-optimisation, rank 0 solves and broadcasts ΔW (`ops.edit.edit_model`); rank 0 alone writes --out,
     shows progress and prints."""
     from .. import distributed
-    from ..models import check_device
+    from ..models import check_device, check_max_memory
     from ..ops.edit import edit_model
     from ..ops.settings import edit_config
     from ..requests import load_requests
@@ -136,6 +137,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     )
     preserved = load_requests(args.preserved, limit=args.preserved_n) if args.preserved else ()
     check_device(distributed.rank_device(args.device))  # a usage error before any process group starts
+    max_memory = check_max_memory(args.max_memory)
     with distributed.process_group(args.device) as device:
         if not distributed.is_main():
             warnings.filterwarnings("ignore")  # the same warnings as rank 0's: the user reads them once
@@ -155,6 +157,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             harden=harden,
             preserved=preserved,
             dtype=args.dtype,
+            device_map=args.device_map,
+            max_memory=max_memory,
         )
         processes = distributed.world_size()
         if not distributed.is_main():
@@ -261,6 +265,7 @@ def add_stats(sub) -> Callable:
     p.add_argument("--n-tokens", type=positive, default=None, help="default 100,000")
     p.add_argument("--layers", default=None, help="default: the architecture's edited layers")
     p.add_argument("--device", default="cpu")
+    add_device_map(p)
     add_dtype(p)
     return cmd_stats
 
@@ -269,12 +274,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Also runs as N processes under `torchrun --nproc-per-node N -m edit2deploy stats ...`: the ranks share the
     forward pass (`distributed`); rank 0 alone writes the cache, shows progress and prints."""
     from .. import distributed
-    from ..models import check_device, resolve_model_dir
+    from ..models import check_device, check_max_memory, resolve_model_dir
     from ..ops.edit import compute_stats
     from ..ops.settings import parse_layers
 
     layers = parse_layers(args.layers) if args.layers else None
     check_device(distributed.rank_device(args.device))  # a usage error before any process group starts
+    max_memory = check_max_memory(args.max_memory)
     with distributed.process_group(args.device) as device:
         main = distributed.is_main()
         if not main:
@@ -293,6 +299,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             device,
             quiet=getattr(args, "quiet", False) or not main,
             dtype=args.dtype,
+            device_map=args.device_map,
+            max_memory=max_memory,
         )
         if main:
             print_table(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch import input_device
 from ..forward import StopForward, frozen_linears_on_onednn, replay_lower_blocks, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
@@ -28,7 +29,7 @@ def generate_prefixes(
     stored with the method state so later batches use the same contexts.
     """
     tok, model = lm.tokenizer, lm.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     start = document_start(tok)  # a new document, so the samples are prose (see `document_start`)
     out = []
@@ -157,7 +158,7 @@ class KeyPasses:
         self.chat_from = chat_from if chat_from is not None and chat_from < len(templates) else None
         # With `chat_outputs`, the z-layer outputs get the chat columns too (the mean over the chat contexts).
         self.chat_outputs = chat_outputs
-        self.device = next(lm.model.parameters()).device
+        self.device = input_device(lm.model)
         self.located = [locate_in_template(lm.tokenizer, t, r) for r in requests for t in templates]
         self.buckets = length_buckets([x.subject_last + 1 for x in self.located])
         self.resume_block: int | None = None  # block whose cached input the next pass starts from
@@ -213,12 +214,12 @@ class KeyPasses:
                 captured["in"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
             def key_hook(_m, inputs, rows=rows, cols=cols, captured=captured):
-                captured["k"] = inputs[0][rows, cols].double()
+                captured["k"] = inputs[0][rows, cols].double().to(dev)
 
             def out_hook(_m, _inputs, output, rows=rows, cols=cols, captured=captured):
                 self.returns_tuple = isinstance(output, tuple)
                 h = output[0] if self.returns_tuple else output
-                captured["h"] = h[rows, cols].double()
+                captured["h"] = h[rows, cols].double().to(dev)
                 raise StopForward
 
             handles = [

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import input_device
 from ..forward import StopForward, run_until_stop
 from ..models import LoadedModel
 from ..requests import EditRequest
@@ -55,7 +56,7 @@ def preserved_keys(
     """K (d_in, n) per layer: each fact's key, ½ bare + ½ mean over the prefixed contexts (as `KeyPasses`),
     every layer in one forward pass (nothing is edited between them)."""
     model, arch = lm.model, lm.arch
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     located = [locate_in_template(lm.tokenizer, t, f) for f in facts for t in templates]
     buckets = [
         b[i : i + MAX_ROWS]
@@ -76,7 +77,7 @@ def preserved_keys(
 
             def hook_for(li: int, bucket=bucket, rows=rows, cols=cols):
                 def hook(_m, inputs):
-                    k = inputs[0][rows, cols].double()
+                    k = inputs[0][rows, cols].double().to(dev)
                     if li not in k_all:
                         k_all[li] = torch.zeros(len(located), k.shape[1], dtype=torch.float64, device=dev)
                     k_all[li][bucket] = k

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .. import distributed
-from ..arch import head_logits
+from ..arch import head_logits, input_device
 from ..forward import (
     StopForward,
     frozen_linears_on_onednn,
@@ -206,7 +206,7 @@ class _Batch:
 
     def __init__(self, lm: LoadedModel, rows: list[Row], z_layer: int, prefix_cache: bool = True):
         self.lm, self.rows = lm, rows
-        self.device = next(lm.model.parameters()).device
+        self.device = input_device(lm.model)
         self.blocks = [lm.model.get_submodule(lm.arch.block_name(i)) for i in range(z_layer + 1)]
         self.split = [r.subject_last if prefix_cache else 0 for r in rows]  # first suffix position per row
         self.suffix_len = [len(r.ids) - s for r, s in zip(rows, self.split)]
@@ -295,10 +295,13 @@ class _Batch:
         if p > 0:
             # Plain layers everywhere: a sliding-window layer would drop prefix entries when pre-filled; the
             # model's own masks still apply each layer's window.
-            idx = torch.tensor(sel, device=dev)
+            idx = {dev: torch.tensor(sel, device=dev)}
             cache = DynamicCache()
-            for li, (k, v) in enumerate(self.prefix_kv):
-                cache.update(k[idx, :, p_max - p :], v[idx, :, p_max - p :], li)
+            for li, (k, v) in enumerate(self.prefix_kv):  # each layer's cache where that layer computes
+                if k.device not in idx:
+                    idx[k.device] = idx[dev].to(k.device)
+                at = idx[k.device]
+                cache.update(k[at, :, p_max - p :], v[at, :, p_max - p :], li)
             inputs |= {"cache": cache, "use_cache": True}
         else:
             inputs["use_cache"] = False
@@ -324,7 +327,7 @@ class _Batch:
             return top + add
 
         with replay_lower_blocks(self.blocks, with_delta, self.returns_tuple):
-            return self.lm.model.base_model(**inputs)[0]
+            return self.lm.model.base_model(**inputs)[0].to(dev)
 
 
 def context_margins(
@@ -383,7 +386,7 @@ def shared_values(
         )
     else:  # more processes than requests: this one takes part in the gather with none
         d = lm.model.config.get_text_config().hidden_size
-        empty = torch.zeros(d, 0, dtype=torch.float64, device=next(lm.model.parameters()).device)
+        empty = torch.zeros(d, 0, dtype=torch.float64, device=input_device(lm.model))
         part = ValueResult(z=empty, delta=empty.clone(), steps=[], converged=[])
     return gather_values(part, len(requests)) if world > 1 else part
 
@@ -416,7 +419,7 @@ def optimise_values(
     quiet: bool = False,
 ) -> ValueResult:
     """Find z = h + δ per request so that the model says `target_new` from every context."""
-    device = next(lm.model.parameters()).device
+    device = input_device(lm.model)
     cast = autocast_dtype(hp.dtype, device)
     linear_dtype = cast or torch.float32
     if hp.onednn and device.type == "cpu" and onednn_available(linear_dtype):

@@ -7,6 +7,7 @@ complete; a batch whose solve is not finite is not applied, and the run stops th
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,11 +282,23 @@ def apply_requests(
     return run
 
 
+# Shard size of a model written with offloaded weights: transformers reads a shard's offloaded tensors back into
+# memory before writing it (at its default 50GB, a whole big model at once).
+OFFLOADED_SHARD_SIZE = "2GB"
+
+
 def write_model(lm: LoadedModel, ledger: Ledger, out: Path) -> None:
-    """Write the patched model (HF directory) and its ledger; `out` appears only when complete."""
+    """Write the patched model (HF directory) and its ledger; `out` appears only when complete.
+
+    Weights offloaded by a device map (on the meta device here) are read back, shard by shard, and written as
+    they are (transformers' `save_pretrained`)."""
     remove_stale_temps(out)  # what a killed edit left half-written
+    offloaded = any(p.device.type == "meta" for p in lm.model.parameters())
     with atomic_dir(out, replace=True) as tmp:
-        lm.model.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            # its advice (free memory for a whole 50GB shard) is what the smaller shards take care of
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            lm.model.save_pretrained(tmp, **({"max_shard_size": OFFLOADED_SHARD_SIZE} if offloaded else {}))
         lm.tokenizer.save_pretrained(tmp)
         ledger.record_weights(tmp)
         kill_point("ledger")
@@ -308,6 +321,8 @@ def edit_model(
     harden: HardenConfig | None = None,
     preserved: Sequence[EditRequest] = (),
     dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict | str | None = None,
 ) -> EditRun:
     """Edit `model` with the requests in `edits` and write the result to `out`.
 
@@ -318,7 +333,11 @@ def edit_model(
 
     Under torchrun (`cli.edit`: the process group is started) the ranks share each batch's z-optimisation
     (`Editor.optimise`), rank 0 solves and broadcasts ΔW (`Editor.solve`), and rank 0 alone writes `out` while
-    the others wait; every rank returns the same run. Hardening runs in one process only."""
+    the others wait; every rank returns the same run. Hardening runs in one process only.
+
+    `device_map="auto"` (with `max_memory`, e.g. "0=20GiB,cpu=60GiB"): a model past one device is placed across
+    the GPUs, the CPU and disk by accelerate's big-model inference, the edited layers held in memory
+    (`models.open_model`); one process, without hardening."""
     cfg = check_edit_config(cfg or EditConfig())
     check_run_values({"batch_size": batch_size, "n_tokens": n_tokens, "corpus": corpus}, "edit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -327,6 +346,14 @@ def edit_model(
     if harden_for and distributed.world_size() > 1:
         raise UsageError(
             "--harden-for does not run across processes (torchrun); run this edit as one process"
+        )
+    if device_map is not None and distributed.world_size() > 1:
+        raise UsageError(
+            "--device-map does not run across processes (torchrun); run this edit as one process"
+        )
+    if device_map is not None and harden_for:
+        raise UsageError(
+            "--harden-for does not run with --device-map (simulating a target swaps every weight, offloaded or not)"
         )
     main = distributed.is_main()
     quiet = quiet or not main  # rank 0 alone shows progress
@@ -348,7 +375,14 @@ def edit_model(
     requests = requests_for(model_dir, requests)
     memory = PeakMemory()
     with memory.stage("load"):
-        lm = open_model(model, device=device, dtype=dtype)
+        lm = open_model(
+            model,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            resident=cfg.layers,
+        )
     edited_texts = [t for r in requests for t in (r.text, *r.paraphrases)]
     with memory.stage("statistics"):
         editor, ledger, stats_seconds = prepare_editor(
@@ -394,10 +428,23 @@ def compute_stats(
     device: str = "cpu",
     quiet: bool = False,
     dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict | str | None = None,
 ) -> tuple[dict, str, float]:
     """Key statistics (C = E[k kᵀ]) of the edited layers, computed once and cached; returns (statistics per
-    layer, corpus id, seconds)."""
-    lm = open_model(model, device=device, dtype=dtype)
+    layer, corpus id, seconds). `device_map`/`max_memory` as `edit_model`'s."""
+    if device_map is not None and distributed.world_size() > 1:
+        raise UsageError(
+            "--device-map does not run across processes (torchrun); run statistics as one process"
+        )
+    lm = open_model(
+        model,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        resident=tuple(layers) if layers else None,
+    )
     chosen = tuple(layers) if layers else lm.arch.layers_for(lm.num_layers)
     source = corpus_from_path(corpus)
     t = time.perf_counter()
