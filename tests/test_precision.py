@@ -169,8 +169,11 @@ def test_peak_memory_per_stage_sees_the_allocation():
     with mem.stage("small"):
         pass
     with mem.stage("big"):
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
+        import mmap
+
+        block = mmap.mmap(-1, 64 * 2**20)  # 64 MiB of fresh pages (malloc may reuse resident memory)
+        block.write(b"\x01" * len(block))
+        block.close()
     assert mem.per_stage  # Linux: the high-water mark is reset at each stage
     assert mem.rss["big"] >= mem.rss["small"] + 50
     assert mem.to_json()["peak_rss_mib"] == mem.rss
