@@ -14,6 +14,8 @@ from typing import Self
 
 import torch
 
+from edit2deploy.memory import peak_rss_mib, process_peak_mib, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 # the shared data beside the checkout; EDIT2DEPLOY_BENCH_DATA: a copy of it elsewhere (gpu.sh carries one)
 DATA = Path(os.environ.get("EDIT2DEPLOY_BENCH_DATA") or ROOT.parent / "shared" / "data")
@@ -91,19 +93,8 @@ class PeakMemory:
         self.seconds = 0.0
         self.reset = False
 
-    @staticmethod
-    def _hwm_kib() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise OSError("no VmHWM in /proc/self/status")
-
     def __enter__(self) -> Self:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-            self.reset = True
-        except OSError:
-            self.reset = False
+        self.reset = reset_peak_rss()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -115,7 +106,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.gpu_mib = torch.cuda.max_memory_allocated() / 2**20
         self.seconds = time.perf_counter() - self._t0
-        self.rss_mib = self._hwm_kib() / 1024
+        peak = peak_rss_mib()
+        self.rss_mib = peak if peak is not None else process_peak_mib()
 
 
 def overrides_of(pairs: list[str]) -> dict:

@@ -18,7 +18,8 @@ import torch
 _MIB = 2**20
 
 
-def _vm_hwm_mib() -> float | None:
+def peak_rss_mib() -> float | None:
+    """The process's resident high-water mark (Linux's VmHWM) in MiB; None where the OS does not report it."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -29,7 +30,8 @@ def _vm_hwm_mib() -> float | None:
     return None
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux: 5 into /proc/self/clear_refs); False where refused."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -70,14 +72,14 @@ class PeakMemory:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Measure the peak of the work inside; a stage seen twice keeps the larger peak."""
-        self.per_stage = _reset_hwm() and self.per_stage
+        self.per_stage = reset_peak_rss() and self.per_stage
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
             yield
         finally:
-            hwm = _vm_hwm_mib() if self.per_stage else None
+            hwm = peak_rss_mib() if self.per_stage else None
             peak = hwm if hwm is not None else process_peak_mib()
             self.rss[name] = round(max(peak, self.rss.get(name, 0.0)), 1)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
