@@ -26,11 +26,17 @@ from .arch import execution_device, input_device
 from .atomic import atomic_path
 from .errors import Edit2DeployError, UsageError
 from .forward import StopForward, run_until_stop
+from .memory import available_mib
 from .models import LoadedModel, cache_root, file_sha256
 from .scoring import document_start, pad_batch, pad_id
 
 MAX_SEQ_LEN = 1024
 DEFAULT_N_TOKENS = 100_000
+GENERATED_CORPUS_ID = "generated-v3"  # v3: rows sampled in batches sized by `sampling_batch` (v2: 32)
+SAMPLING_KV_BUDGET_MIB = (
+    1024  # the KV cache of one sampling batch; a batch of 128 rows suits 2 CPU cores best
+)
+MAX_SAMPLING_BATCH = 128
 GENERATION_SEEDS = ("The", "In", "A", "It", "He", "She", "This", "When", "There", "One", "We", "After")
 
 
@@ -54,7 +60,7 @@ class Corpus:
 
 def corpus_from_path(path: str | Path | None) -> Corpus:
     if path is None:
-        return Corpus(id="generated-v2", path=None)
+        return Corpus(id=GENERATED_CORPUS_ID, path=None)
     p = Path(path)
     if not p.exists():
         raise UsageError(
@@ -135,16 +141,40 @@ def corpus_token_chunks(
     return chunks
 
 
+def sampling_batch(lm: LoadedModel, seq_len: int) -> int:
+    """Rows sampled at once: as many as `MAX_SAMPLING_BATCH` allows while their KV cache stays within
+    `SAMPLING_KV_BUDGET_MIB` and a quarter of the memory available now. Larger batches keep the matrix products
+    efficient (measured on 2 cores: 105 tokens/s at 32 rows, 146 at 128), and a 7B model's cache is 30× SmolLM2's."""
+    cfg = lm.model.config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+    row_mib = 2 * layers * kv_heads * head_dim * (seq_len + 16) * lm.dtype.itemsize / 2**20
+    budget = SAMPLING_KV_BUDGET_MIB
+    if (free := available_mib()) is not None:
+        budget = min(budget, free / 4)
+    return int(max(1, min(MAX_SAMPLING_BATCH, budget // row_mib)))
+
+
 @torch.no_grad()
 def generated_token_chunks(
-    lm: LoadedModel, n_tokens: int, seq_len: int = 256, batch: int = 32, seed: int = 0, quiet: bool = False
+    lm: LoadedModel,
+    n_tokens: int,
+    seq_len: int = 256,
+    batch: int | None = None,
+    seed: int = 0,
+    quiet: bool = False,
 ) -> list[list[int]]:
     """Text the model samples itself (top-k 50), as token ids: the offline default corpus.
 
     Each row starts a new document (`document_start`), so the model writes prose rather than continuing some
     text it imagines; the separator itself is not part of the chunk, as it is not part of a text corpus's.
+    `batch`: rows sampled at once (default `sampling_batch`).
     """
     tok, model = lm.tokenizer, lm.model
+    batch = batch or sampling_batch(lm, seq_len)
     device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     start = document_start(tok)

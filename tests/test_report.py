@@ -153,7 +153,7 @@ def synthetic_run(out: Path, n: int = 12, passed: bool = True) -> RunResult:
     state = {
         "base_model": "smollm2-135m",
         "base_fingerprint": "ab" * 32,
-        "corpus": "generated-v2",
+        "corpus": "generated-v3",
         "n_tokens": 20000,
         "edited_tensors": list(records[0]["tensors"]),
         "batches": ["batch-0001", "batch-0002"],

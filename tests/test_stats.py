@@ -250,7 +250,7 @@ def test_corpus_path_errors(tmp_path):
 
 def test_generated_corpus(lm):
     corpus = corpus_from_path(None)
-    assert corpus.path is None and corpus.id == "generated-v2"
+    assert corpus.path is None and corpus.id == "generated-v3"
     a = generated_token_chunks(lm, 60, seq_len=12, batch=3, quiet=True)
     assert sum(map(len, a)) == 60
     seed_len = max(len(lm.tokenizer(w)["input_ids"]) for w in stats_mod.GENERATION_SEEDS)
