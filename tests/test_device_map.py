@@ -224,3 +224,48 @@ def test_replay_puts_back_a_forward_of_the_blocks_own():
         assert hooked(torch.ones(1)).tolist() == [1.0] and plain(torch.ones(1)).tolist() == [0.0]
     assert vars(hooked)["forward"] is own
     assert "forward" not in vars(plain)
+
+
+def test_run_with_a_device_map_verifies_as_without(env, tmp_path, monkeypatch):
+    """`run --device-map auto --max-memory`: the edit, the GGUF and the fp32 references (the edited model and the
+    unedited one, opened offloaded too) give the report a run without offload gives."""
+    res = {}
+    for name, kw in (
+        ("plain", {}),
+        ("offloaded", {"device_map": "auto", "max_memory": f"cpu={env['budget']}"}),
+    ):
+        monkeypatch.setenv("EDIT2DEPLOY_CACHE", str(tmp_path / f"cache-{name}"))
+        res[name] = run_cli(
+            *("run", "--model", str(env["base"]), "--edits", str(env["edits"]), "--targets", "gguf:Q8_0"),
+            *("--out", str(tmp_path / name), "--corpus", str(env["corpus"]), "--n-tokens", "1000"),
+            *("--layers", "0,1", "--set", "max_steps=3", "--no-baseline", "--no-generation", "--json"),
+            *("--gate", "survival=off", "--gate", "specificity_drop=off", "--gate", "efficacy=off"),
+            *(f"--{k.replace('_', '-')}={v}" for k, v in kw.items()),
+            env={"EDIT2DEPLOY_CACHE": str(tmp_path / f"cache-{name}")},
+        )
+        assert res[name].returncode == 0, res[name].stderr
+    plain, offloaded = (json.loads(res[k].stdout) for k in ("plain", "offloaded"))
+    for target, want in zip(offloaded["targets"], plain["targets"], strict=True):
+        assert len(target["facts"]) == len(want["facts"]) > 0
+        for got_fact, want_fact in zip(target["facts"], want["facts"], strict=True):
+            for key in ("margin_fp32", "margin_base_fp32", "margin_artifact"):
+                assert got_fact[key] == pytest.approx(want_fact[key], abs=1e-3), (key, got_fact["prompt"])
+
+
+def test_run_checks_device_map_settings(env, tmp_path):
+    from edit2deploy import run
+
+    with pytest.raises(UsageError, match="--max-memory needs --device-map auto"):
+        run(str(env["base"]), env["edits"], "gguf:Q8_0", tmp_path / "a", max_memory="cpu=1GiB")
+    with pytest.raises(UsageError, match="field 'device_map': expected 'auto'"):
+        run(str(env["base"]), env["edits"], "gguf:Q8_0", tmp_path / "b", device_map="balanced")
+    with pytest.raises(UsageError, match="--max-memory: unknown device 'disk'"):
+        run(
+            str(env["base"]),
+            env["edits"],
+            "gguf:Q8_0",
+            tmp_path / "c",
+            device_map="auto",
+            max_memory="disk=1GiB",
+        )
+    assert not any(tmp_path.iterdir())

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 from ..ops.demo import DEMO_MODEL, DEMO_N_TOKENS
-from .common import add_dtype, add_no_generation, add_set, positive, print_table
+from .common import add_device_map, add_dtype, add_no_generation, add_set, positive, print_table
 
 FLAG_FIELDS = (  # [run] fields that have a flag of the same name
     "model",
@@ -25,6 +25,8 @@ FLAG_FIELDS = (  # [run] fields that have a flag of the same name
     "protect_edits",
     "device",
     "dtype",
+    "device_map",
+    "max_memory",
 )
 
 
@@ -86,6 +88,7 @@ def add_run(sub) -> Callable:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (editing and fp32 scoring)")
     add_dtype(p, default=None)
+    add_device_map(p)
     p.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     return cmd_run
 

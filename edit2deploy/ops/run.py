@@ -47,7 +47,7 @@ from ..ledger import Ledger
 from ..memory import PeakMemory, available_mib
 from ..methods import EditConfig
 from ..methods.harden import HardenConfig
-from ..models import check_device, resolve_model_dir, weights_fingerprint
+from ..models import check_device, check_max_memory, resolve_model_dir, weights_fingerprint
 from ..report import write_reports
 from ..requests import EditRequest, load_requests, merge_duplicates
 from ..stats import DEFAULT_N_TOKENS
@@ -91,6 +91,8 @@ class RunConfig:
     baseline: bool = True
     device: str = "cpu"
     dtype: str = "auto"  # the model's weights, as `edit --dtype` (precision.WEIGHT_DTYPES)
+    device_map: str | None = None  # "auto": placed across devices by accelerate, as `edit --device-map`
+    max_memory: Mapping[str | int, int | str] | str | None = None  # with device_map, as `edit --max-memory`
     quiet: bool = False
     reports: bool = True
     harden: bool | HardenConfig = False
@@ -111,7 +113,8 @@ RUN_CHECKED = (
     "baseline",
     "generation",
     "dtype",
-)  # `device` and `protect_edits` by their own parsers, whose messages name the flag
+    "device_map",
+)  # `device`, `max_memory` and `protect_edits` by their own parsers, whose messages name the flag
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,11 @@ def prepare(config: RunConfig) -> RunInputs:
             raise UsageError(f"run: field '{flag}': expected true or false, got {getattr(c, flag)!r}")
     check_edit_config(c.cfg)
     check_device(c.device)
+    check_max_memory(c.max_memory)
+    if c.max_memory is not None and c.device_map is None:
+        raise UsageError("--max-memory needs --device-map auto")
+    if c.device_map is not None and c.harden:
+        raise UsageError("--harden does not work with --device-map (hardening simulates the whole model)")
     targets = parse_targets(config.targets, config.protect_edits, "--targets")
     gates = {t: gates_for(get_format(t.format), t.quant, config.gates) for t in targets}
     if isinstance(config.edits, (str, Path)):
@@ -220,6 +228,8 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
             n_tokens=c.n_tokens,
             device=c.device,
             dtype=c.dtype,
+            device_map=c.device_map,
+            max_memory=c.max_memory,
             force=True,
             quiet=c.quiet,
             harden_for=scheme_factories(inp.targets) if inp.harden is not None else (),
@@ -285,18 +295,26 @@ def verify_stage(
     are remembered per model/artifact identity, so an unchanged rerun opens no model."""
     from transformers import AutoTokenizer
 
-    device = inp.config.device
+    c = inp.config
+    device = c.device
     log("verify: fp32 references")
     t0 = time.perf_counter()
     decode = AutoTokenizer.from_pretrained(edit.model_dir).decode
-    ref_key = {"scorer": "torch", "weights": edit.source_fingerprint, "device": device}
-    base_key = {"scorer": "torch", "weights": edit.base_fingerprint, "device": device}
+    place = {"device": device} if c.device_map is None else {"device": device, "device_map": c.device_map}
+    ref_key = {"scorer": "torch", "weights": edit.source_fingerprint, **place}
+    base_key = {"scorer": "torch", "weights": edit.base_fingerprint, **place}
     slot = one_at_a_time(edit.model_dir, log)
     reference = CachedScorer(
-        torch_factory(edit.model_dir, device), scores_store("torch", ref_key), ref_key, slot
+        torch_factory(edit.model_dir, device, c.device_map, c.max_memory),
+        scores_store("torch", ref_key),
+        ref_key,
+        slot,
     )
     base_reference = CachedScorer(
-        torch_factory(edit.base_model_dir, device), scores_store("torch", base_key), base_key, slot
+        torch_factory(edit.base_model_dir, device, c.device_map, c.max_memory),
+        scores_store("torch", base_key),
+        base_key,
+        slot,
     )
     results = []
     try:

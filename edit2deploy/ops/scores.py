@@ -261,10 +261,13 @@ def file_identity(path: Path) -> dict:
     }
 
 
-def torch_factory(model_dir: Path, device: str) -> Callable[[], Scorer]:
-    def make() -> Scorer:
+def torch_factory(
+    model_dir: Path, device: str, device_map: str | None = None, max_memory: dict | str | None = None
+) -> Callable[[], Scorer]:
+    """Opens the model when first scored; `device_map`/`max_memory` as `models.open_model`'s."""
 
-        lm = open_model(model_dir, device=device)
+    def make() -> Scorer:
+        lm = open_model(model_dir, device=device, device_map=device_map, max_memory=max_memory)
         return TorchScorer(lm.model, lm.tokenizer)
 
     return make

@@ -245,6 +245,11 @@ RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         " or ".join(f"'{d}'" for d in WEIGHT_DTYPES),
         lambda v: isinstance(v, str) and v in WEIGHT_DTYPES,
     ),
+    "device_map": ("'auto'", lambda v: v == "auto"),
+    "max_memory": (
+        "a string DEVICE=SIZE,... or a table of DEVICE = SIZE",
+        lambda v: _str(v) or (isinstance(v, dict) and bool(v)),
+    ),
     "harden": ("true or false", lambda v: isinstance(v, bool)),
     "generation": ("true or false", lambda v: isinstance(v, bool)),
 }
