@@ -16,8 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..arch import input_device
 from ..atomic import atomic_dir, kill_point, remove_stale_temps
 from ..errors import NonFiniteUpdateError, UsageError
+from ..formats.gguf.sampler import sampler_for
 from ..ledger import Ledger, tensor_sha256
 from ..memory import PeakMemory
 from ..methods import EditConfig, Editor
@@ -28,6 +30,7 @@ from ..methods.preserved import facts_digest, name_facts, preserved_keys, second
 from ..models import (
     BUILTIN_MODELS,
     LoadedModel,
+    cache_root,
     check_device,
     open_model,
     resolve_model_dir,
@@ -36,7 +39,7 @@ from ..models import (
 from ..precision import hold_in_float32
 from ..quantsim import QuantScheme, Simulation
 from ..requests import EditRequest, load_requests, merge_duplicates
-from ..stats import DEFAULT_N_TOKENS, corpus_from_path, corpus_names, key_stats
+from ..stats import DEFAULT_N_TOKENS, Corpus, corpus_from_path, corpus_names, generated_corpus, key_stats
 from .settings import check_edit_config, check_run_values
 
 
@@ -78,6 +81,19 @@ def _state_into_ledger(ledger: Ledger, state: dict[int, LayerState]) -> None:
             ledger.method_state[f"null_basis.{li}"] = st.null_basis
 
 
+def statistics_corpus(corpus: str | Path | None, lm: LoadedModel) -> Corpus:
+    """`corpus_from_path`; the generated corpus is sampled in llama.cpp where it can be (a model wholly on the CPU,
+    a family GGUF holds, llama-cpp-python installed): about twice torch's speed on a CPU. Under torchrun rank 0
+    alone samples (`stats.corpus_token_chunks`), so one process and N sample the same text."""
+    corp = corpus_from_path(corpus)
+    if corp.path is not None or hasattr(lm.model, "hf_device_map"):
+        return corp
+    if input_device(lm.model).type != "cpu":
+        return corp
+    sampler = sampler_for(lm.model_dir, cache_root() / "sampling")
+    return corp if sampler is None else generated_corpus(sampler)
+
+
 def base_spec(spec: str) -> str:
     return spec if spec in BUILTIN_MODELS else str(Path(spec).resolve())
 
@@ -107,7 +123,7 @@ def prepare_editor(
     hold_in_float32(lm.model, [lm.arch.mlp_out_name(li) for li in layers])
     ledger = Ledger.load(lm.model_dir)
     if ledger is None:
-        corp = corpus_from_path(corpus)
+        corp = statistics_corpus(corpus, lm)
         ledger = Ledger.new(
             base_spec(lm.spec),
             weights_fingerprint(lm.model_dir),
@@ -127,7 +143,7 @@ def prepare_editor(
             raise UsageError(
                 f"--n-tokens differs from the earlier edits' {ledger.state['n_tokens']}; omit it"
             )
-        corp = corpus_from_path(ledger.state.get("corpus_path"))
+        corp = statistics_corpus(ledger.state.get("corpus_path"), lm)
     t = time.perf_counter()
     kill_point("statistics")
     stats = key_stats(
@@ -446,7 +462,7 @@ def compute_stats(
         resident=tuple(layers) if layers else None,
     )
     chosen = tuple(layers) if layers else lm.arch.layers_for(lm.num_layers)
-    source = corpus_from_path(corpus)
+    source = statistics_corpus(corpus, lm)
     t = time.perf_counter()
     stats = key_stats(
         lm, chosen, weights_fingerprint(lm.model_dir), source, n_tokens or DEFAULT_N_TOKENS, quiet=quiet
