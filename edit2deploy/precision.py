@@ -97,20 +97,46 @@ def compute_in_float32(model: torch.nn.Module) -> int:
     """Make every bf16/fp16 `nn.Linear` of `model` multiply in float32 from its half-precision weight, cast at
     each call; returns how many. Why: on CPUs without native bf16 (AVX2) torch's bf16 matmul runs ~3-6x slower
     than float32, while upcasting one weight per call costs little next to the product, so the model keeps
-    bf16's memory at float32's speed (one layer's float32 copy at a time)."""
+    bf16's memory at float32's speed (one layer's float32 copy at a time, in one buffer the model's linears
+    share: `_Float32Scratch`)."""
+    scratch = _Float32Scratch()
     n = 0
     for lin in model.modules():
         if type(lin) is not torch.nn.Linear or lin.weight.dtype == torch.float32:
             continue
         if "forward" not in vars(lin):
-            lin.forward = _float32_forward(lin)
+            lin.forward = _float32_forward(lin, scratch)
         elif getattr(getattr(lin, "_old_forward", None), "__func__", None) is torch.nn.Linear.forward:
             # dispatched with a device map: accelerate's hook calls `_old_forward` once the weights are in place
-            lin._old_forward = _float32_forward(lin)
+            lin._old_forward = _float32_forward(lin, scratch)
         else:
             continue
         n += 1
     return n
+
+
+class _Float32Scratch:
+    """The float32 copy of one half-precision CPU weight at a time, in a buffer reused call after call.
+
+    Why not a fresh `weight.float()` per call: glibc serves those copies (1-16 MiB) from its heap once its mmap
+    threshold has risen past them, and the small activations autograd keeps between them split the freed space,
+    so a z-optimisation step grew the process by about the blocks' bf16 size per forward (550 MiB per forward
+    on a 0.4B model). Copies over 32 MiB (glibc's largest threshold: an LM head) are mapped and unmapped whole,
+    so they stay per call rather than holding the buffer that large. Calls must not overlap (one forward or
+    backward at a time)."""
+
+    LARGEST = 32 * 2**20 // 4  # elements
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def upcast(self, weight: torch.Tensor) -> torch.Tensor:
+        n = weight.numel()
+        if weight.device.type != "cpu" or n > self.LARGEST:
+            return weight.float()
+        if n > self.buffer.numel():
+            self.buffer = torch.empty(n, dtype=torch.float32)
+        return self.buffer[:n].view(weight.shape).copy_(weight)
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -119,22 +145,25 @@ class _UpcastLinear(torch.autograd.Function):
     backpropagates through every layer above the edited one)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scratch: _Float32Scratch
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight)
+        ctx.scratch = scratch
         b = None if bias is None else bias.float()
-        return torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
+        return torch.nn.functional.linear(x.float(), scratch.upcast(weight), b).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return (grad.float() @ weight.float()).to(grad.dtype), None, None
+        return (grad.float() @ ctx.scratch.upcast(weight)).to(grad.dtype), None, None, None
 
 
-def _float32_forward(lin: torch.nn.Linear):
+def _float32_forward(lin: torch.nn.Linear, scratch: _Float32Scratch):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) or lin.weight.requires_grad:
             return torch.nn.functional.linear(x, lin.weight, lin.bias)
-        return _UpcastLinear.apply(x, lin.weight, lin.bias)
+        return _UpcastLinear.apply(x, lin.weight, lin.bias, scratch)
 
     return forward
 
