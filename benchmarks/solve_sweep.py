@@ -36,7 +36,7 @@ from edit2deploy.models import open_model
 from edit2deploy.ops.edit import prepare_editor
 from edit2deploy.ops.settings import edit_config_from, parse_layers
 from edit2deploy.requests import load_requests
-from edit2deploy.stats import corpus_from_path, corpus_names
+from edit2deploy.stats import corpus_from_path, corpus_names, key_stats
 
 
 def target_values(
@@ -115,6 +115,13 @@ def main() -> None:
     base = edit_config_from({"layers": ",".join(map(str, union))}, "--set")
     editor, ledger, _ = prepare_editor(lm, base, corpus=WIKITEXT, n_tokens=args.n_tokens, quiet=True)
     delta, z_s = target_values(editor, requests, args, z_layer)
+    # every variant's statistics (the default editor keeps C only where its solve reads it); cached by now
+    stats = {
+        li: s.C
+        for li, s in key_stats(
+            lm, union, ledger.state["base_fingerprint"], corpus_from_path(WIKITEXT), args.n_tokens, quiet=True
+        ).items()
+    }
     w0 = editor.weights()
     ppl0 = unedited["ppl"]
 
@@ -128,7 +135,7 @@ def main() -> None:
     for spec in specs:
         over = overs[spec]
         cfg = edit_config_from({"layers": args.layers, **over}, "--set")
-        ed = Editor(lm, cfg, editor.C, ledger.state["prefixes"], quiet=True, names=names(cfg))
+        ed = Editor(lm, cfg, stats, ledger.state["prefixes"], quiet=True, names=names(cfg))
         timings: dict[str, float] = {}
         size = args.batch_size or len(requests)
         for i in range(0, len(requests), size):

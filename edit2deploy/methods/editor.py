@@ -87,11 +87,22 @@ class EditConfig:
         return asdict(self)
 
 
+def no_previous_keys(d_in: int) -> torch.Tensor:
+    """Σ Kp Kpᵀ before any batch: a d_in × d_in zero that stores one element (stride 0), so a layer without
+    previous keys holds no d_in² matrix of zeros; `LayerState.add_keys` replaces it by the first batch's K Kᵀ."""
+    return torch.zeros((), dtype=torch.float64).expand(d_in, d_in)
+
+
+def _accumulate(total: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """total + term: in place, or `term` itself where `total` is a stored-once zero (`no_previous_keys`)."""
+    return term if total.stride() == (0, 0) else total.add_(term)
+
+
 @dataclass
 class LayerState:
     """Method state of one edited layer, persisted next to the patched model."""
 
-    KpKpT: torch.Tensor  # Σ over earlier batches of K Kᵀ (float64)
+    KpKpT: torch.Tensor  # Σ over earlier batches of K Kᵀ (float64; `no_previous_keys` before any)
     null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
     _projector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # not persisted
 
@@ -111,7 +122,7 @@ class LayerState:
         """P Kp Kpᵀ, kept up to date by `add_keys` ((P K) Kᵀ per batch instead of a d_in³ product)."""
         if self._projected_previous is None:
             P = self.projector()
-            self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else torch.zeros_like(P)
+            self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else no_previous_keys(P.shape[0])
         return self._projected_previous
 
     def projected_covariance(self, C: torch.Tensor) -> torch.Tensor:
@@ -129,9 +140,9 @@ class LayerState:
     def add_keys(self, K: torch.Tensor) -> None:
         """An applied batch's keys join Σ Kp Kpᵀ."""
         K = K.to(torch.float64)
-        self.KpKpT += K @ K.T
+        self.KpKpT = _accumulate(self.KpKpT, K @ K.T)
         if self._projected_previous is not None:
-            self._projected_previous += (self.projector() @ K) @ K.T
+            self._projected_previous = _accumulate(self._projected_previous, (self.projector() @ K) @ K.T)
 
 
 @dataclass(frozen=True)
@@ -277,7 +288,10 @@ class Editor:
         if self.cfg.chat_contexts == "on" and not chat:
             raise UsageError("the model's chat template cannot hold a user message; use chat_contexts = off")
         self.layers = self.cfg.layers
-        self.C = stats
+        # C after the null space is built only where a solve reads it (MEMIT's and ENCORE's λ_p C, λ_∅, the
+        # neighbours' per-batch null space): AlphaEdit's own solve does not, and it is d_in² per layer.
+        uses_C = not self.spec.uses_projector or self.cfg.lambda_null or self.cfg.neighbour_null
+        self.C = dict(stats) if uses_C else {}
         # Every context of z-optimisation: the text contexts, then (chat_contexts on) the chat contexts.
         self.text_templates = context_templates(prefixes)
         self.templates = self.text_templates + chat
@@ -293,7 +307,7 @@ class Editor:
         for li in self.layers:
             if li not in self.state:
                 d_in = stats[li].shape[0]
-                self.state[li] = LayerState(KpKpT=torch.zeros(d_in, d_in, dtype=torch.float64))
+                self.state[li] = LayerState(KpKpT=no_previous_keys(d_in))
             # under torchrun only rank 0 solves (`solve`), so only it needs the basis (an eigendecomposition)
             if self.spec.uses_projector and self.state[li].null_basis is None and distributed.is_main():
                 # preserved facts (`preserved`: their keys' covariance per layer) count once, here: the basis
@@ -417,7 +431,7 @@ class Editor:
                 state, held = self.state[li], Kn
                 if Kn is not None and cfg.neighbour_null:  # they shape the null space instead of ‖ΔW Kn‖²
                     state, held = self._neighbour_null_state(li, Kn), None
-                dW = self.spec.solve(K.cpu(), R_cols.cpu(), self.C[li], state, cfg, drift, held)
+                dW = self.spec.solve(K.cpu(), R_cols.cpu(), self.C.get(li), state, cfg, drift, held)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(
                         f"the {cfg.method} solve at layer {li} is not finite; the batch was not applied"

@@ -77,9 +77,11 @@ def preserved_keys(
 
             def hook_for(li: int, bucket=bucket, rows=rows, cols=cols):
                 def hook(_m, inputs):
-                    k = inputs[0][rows, cols].double().to(dev)
+                    # kept in the activations' dtype until the mean (float64): every context's key, every
+                    # layer, is the biggest thing this pass holds
+                    k = inputs[0][rows, cols].to(dev)
                     if li not in k_all:
-                        k_all[li] = torch.zeros(len(located), k.shape[1], dtype=torch.float64, device=dev)
+                        k_all[li] = torch.zeros(len(located), k.shape[1], dtype=k.dtype, device=dev)
                     k_all[li][bucket] = k
                     if li == last:
                         raise StopForward  # nothing above the last edited projection matters
@@ -106,7 +108,7 @@ def preserved_keys(
     n_t = len(templates)
     out = {}
     for li in layers:
-        k = k_all[li].reshape(len(facts), n_t, -1)
+        k = k_all.pop(li).double().reshape(len(facts), n_t, -1)
         keys = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if n_t > 1 else k[:, 0]
         out[li] = keys.T.contiguous().cpu()
     return out

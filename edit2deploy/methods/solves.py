@@ -84,13 +84,15 @@ def alphaedit_update(
     """
     kill_point("solve")
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
-    eye = torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     PK = P @ K  # (d_in, n): P K Kᵀ as (P K) Kᵀ is n/d_in of the work of P (K Kᵀ)
-    A = PK @ K.T + alpha * eye + _neighbour_term(Kn, P)
+    # A is summed in place, in the order of the formula: one d_in² matrix besides the solve's own LU copy
+    A = PK @ K.T
+    A.diagonal().add_(alpha)  # + α I (adding α·0 elsewhere changes nothing)
+    A += _neighbour_term(Kn, P)
     if P_KpKpT is not None:
-        A = A + P_KpKpT.to(torch.float64)
+        A += P_KpKpT.to(torch.float64)
     elif KpKpT.any():  # the first batch has no previous keys
-        A = A + P @ KpKpT
+        A += P @ KpKpT
     if lambda_null:
         if P_C is None:
             if C is None:
@@ -98,7 +100,7 @@ def alphaedit_update(
             P_C = P @ C.to(torch.float64)
         if P_C_P is None:
             P_C_P = P_C.to(torch.float64) @ P
-        A = A + lambda_null * P_C_P.to(torch.float64)
+        A += lambda_null * P_C_P.to(torch.float64)
     B = PK @ R.T
     if lambda_null and D is not None:
         B = B - lambda_null * (P_C.to(torch.float64) @ D.to(torch.float64).T)  # P C Dᵀ = (D C P)ᵀ
@@ -116,7 +118,8 @@ def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torc
 def mixed_covariance(C: torch.Tensor, Cx: torch.Tensor, weight: float) -> torch.Tensor:
     """C + w·(tr C / tr Cx)·Cx: extra keys' second moment Cx at `weight` times C's scale, for the null space."""
     C, Cx = _f64(C, Cx)
-    return C + weight * float(C.trace() / Cx.trace().clamp_min(1e-30)) * Cx
+    mixed = weight * float(C.trace() / Cx.trace().clamp_min(1e-30)) * Cx
+    return mixed.add_(C)  # = C + w·s·Cx, without a second d_in² matrix
 
 
 def projector(U: torch.Tensor) -> torch.Tensor:
