@@ -80,9 +80,10 @@ class _Decoder:
         self.batch = lc.llama_batch_init(self.capacity, 0, 1)
 
     def close(self) -> None:
-        self.lc.llama_batch_free(self.batch)
-        self.lc.llama_free(self.ctx)
-        self.lc.llama_model_free(self.model)
+        with captured_stderr():  # llama.cpp reports its buffers as they are freed
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.lc.llama_model_free(self.model)
 
     def clear(self) -> None:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
