@@ -890,7 +890,7 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
     barely moves their keys, still moves the edit's own, and the basis it was built with is the persisted one.
     Methods without a null space, or `neighbour_null` beside them, are usage errors."""
     from edit2deploy.methods.keys import context_templates
-    from edit2deploy.methods.preserved import preserved_keys, second_moments
+    from edit2deploy.methods.preserved import preserved_keys
 
     layers = (0, 1)
     hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
@@ -902,8 +902,8 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
         cfg = EditConfig(method="alphaedit", layers=layers, values=hp, preserve_weight=weight)
         templates = context_templates(PREFIXES)
         keys = preserved_keys(lm, PRESERVED, templates, layers, quiet=True)
-        cov, Kf = second_moments(keys), keys[0]  # layer 0's input: never edited
-        editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, preserved=cov)
+        Kf = keys[0]  # layer 0's input: never edited
+        editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, preserved=keys)
         basis = editor.state[0].null_basis.clone()
         report = editor.apply_batch(REQUESTS)
         assert torch.equal(editor.state[0].null_basis, basis)
@@ -914,18 +914,18 @@ def test_preserved_facts_leave_the_null_space(tiny_model_dir):
     assert moved[1.0][1] > 0.2 * moved[0.0][1], moved  # the edit's keys still move
 
     lm = open_model(tiny_model_dir("llama"))
-    cov = second_moments(preserved_keys(lm, PRESERVED, context_templates(PREFIXES), layers, quiet=True))
+    keys = preserved_keys(lm, PRESERVED, context_templates(PREFIXES), layers, quiet=True)
     with pytest.raises(UsageError, match="null space"):
         Editor(
             lm,
             EditConfig(method="memit", layers=layers),
             _identity_stats(lm, layers),
             PREFIXES,
-            preserved=cov,
+            preserved=keys,
         )
     with pytest.raises(UsageError, match="neighbour_null"):
         cfg = EditConfig(layers=layers, neighbour_weight=1.0, neighbour_null=True)
-        Editor(lm, cfg, _identity_stats(lm, layers), PREFIXES, names=["Ada Lovelace"], preserved=cov)
+        Editor(lm, cfg, _identity_stats(lm, layers), PREFIXES, names=["Ada Lovelace"], preserved=keys)
 
 
 def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp_path, monkeypatch):

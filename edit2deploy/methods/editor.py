@@ -21,6 +21,7 @@ from ..requests import EditRequest
 from .chat import chat_contexts_wanted, chat_templates
 from .keys import KeyPasses, context_templates
 from .neighbours import neighbour_requests
+from .preserved import second_moment
 from .retry import resolve_failed
 from .solves import (
     alphaedit_update,
@@ -93,11 +94,6 @@ def no_previous_keys(d_in: int) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float64).expand(d_in, d_in)
 
 
-def _accumulate(total: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """total + term: in place, or `term` itself where `total` is a stored-once zero (`no_previous_keys`)."""
-    return term if total.stride() == (0, 0) else total.add_(term)
-
-
 @dataclass
 class LayerState:
     """Method state of one edited layer, persisted next to the patched model."""
@@ -119,7 +115,8 @@ class LayerState:
         return self._projector
 
     def projected_previous(self) -> torch.Tensor:
-        """P Kp Kpᵀ, kept up to date by `add_keys` ((P K) Kᵀ per batch instead of a d_in³ product)."""
+        """P Kp Kpᵀ, kept up to date by `add_keys` ((P K) Kᵀ per batch instead of a d_in³ product) once there
+        are previous keys; formed from them (one d_in³ product) at the first batch that has some."""
         if self._projected_previous is None:
             P = self.projector()
             self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else no_previous_keys(P.shape[0])
@@ -140,9 +137,17 @@ class LayerState:
     def add_keys(self, K: torch.Tensor) -> None:
         """An applied batch's keys join Σ Kp Kpᵀ."""
         K = K.to(torch.float64)
-        self.KpKpT = _accumulate(self.KpKpT, K @ K.T)
-        if self._projected_previous is not None:
-            self._projected_previous = _accumulate(self._projected_previous, (self.projector() @ K) @ K.T)
+        KKt = K @ K.T
+        # in place, or the first batch's K Kᵀ itself in place of a stored-once zero (`no_previous_keys`)
+        self.KpKpT = KKt if self.KpKpT.stride() == (0, 0) else self.KpKpT.add_(KKt)
+        if self._projected_previous is None:
+            return
+        if self._projected_previous.stride() == (0, 0):
+            # the first keys: P Kp Kpᵀ is formed when a later batch reads it, so a run of one batch never
+            # holds that d_in² matrix beside Σ Kp Kpᵀ
+            self._projected_previous = None
+        else:
+            self._projected_previous += (self.projector() @ K) @ K.T
 
 
 @dataclass(frozen=True)
@@ -310,11 +315,12 @@ class Editor:
                 self.state[li] = LayerState(KpKpT=no_previous_keys(d_in))
             # under torchrun only rank 0 solves (`solve`), so only it needs the basis (an eigendecomposition)
             if self.spec.uses_projector and self.state[li].null_basis is None and distributed.is_main():
-                # preserved facts (`preserved`: their keys' covariance per layer) count once, here: the basis
-                # is kept with the method state, so later batches and runs protect them too
+                # preserved facts (`preserved`: their keys per layer) count once, here: the basis is kept with
+                # the method state, so later batches and runs protect them too. Their covariance is formed per
+                # layer, so one d_in² matrix of it exists at a time.
                 kept = stats[li]
                 if preserved and li in preserved:
-                    kept = mixed_covariance(stats[li], preserved[li], cfg.preserve_weight)
+                    kept = mixed_covariance(stats[li], second_moment(preserved[li]), cfg.preserve_weight)
                 self.state[li].null_basis = null_space_basis(kept, cfg.tau, cfg.tau_relative)
         # W0 of each edited layer (stored layout) for `null_drift`: the caller's (an earlier run's originals),
         # else the weights as they are now (nothing drifted yet).

@@ -114,6 +114,6 @@ def preserved_keys(
     return out
 
 
-def second_moments(keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Cf = E[k kᵀ] over each layer's keys (d_in, n), float64."""
-    return {li: K @ K.T / K.shape[1] for li, K in keys.items()}
+def second_moment(K: torch.Tensor) -> torch.Tensor:
+    """Cf = E[k kᵀ] over keys K (d_in, n), float64."""
+    return K @ K.T / K.shape[1]

@@ -26,7 +26,7 @@ from ..methods import EditConfig, Editor
 from ..methods.editor import LayerState, check_layers, method_spec
 from ..methods.harden import HardenConfig, Hardener
 from ..methods.keys import context_templates, generate_prefixes
-from ..methods.preserved import facts_digest, name_facts, preserved_keys, second_moments
+from ..methods.preserved import facts_digest, name_facts, preserved_keys
 from ..models import (
     BUILTIN_MODELS,
     LoadedModel,
@@ -165,10 +165,8 @@ def prepare_editor(
             lm, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
         )
         named = name_facts(all_names, avoid)
-    preserved_cov = (
-        _preserved_covariances(lm, ledger, unbuilt, preserved, named, cfg, quiet)
-        if preserved or named
-        else None
+    preserved_k = (
+        _preserved_keys(lm, ledger, unbuilt, preserved, named, cfg, quiet) if preserved or named else None
     )
     stats_seconds = time.perf_counter() - t
     editor = Editor(
@@ -180,12 +178,12 @@ def prepare_editor(
         quiet=quiet,
         base={li: ledger.originals[n] for li in layers if (n := lm.arch.weight_name(li)) in ledger.originals},
         names=names,
-        preserved=preserved_cov,
+        preserved=preserved_k,
     )
     return editor, ledger, stats_seconds
 
 
-def _preserved_covariances(
+def _preserved_keys(
     lm: LoadedModel,
     ledger: Ledger,
     unbuilt: Sequence[int],
@@ -194,7 +192,7 @@ def _preserved_covariances(
     cfg: EditConfig,
     quiet: bool,
 ) -> dict[int, torch.Tensor] | None:
-    """The key covariance of the preserved facts (the user's, then the corpus names') for the layers whose null
+    """The keys (d_in, n) of the preserved facts (the user's, then the corpus names') for the layers whose null
     space is still to be built (None when all exist: the persisted basis already holds them), recorded in the
     ledger's method state."""
     digest = facts_digest(preserved)
@@ -221,7 +219,7 @@ def _preserved_covariances(
     if not distributed.is_main():
         return None  # under torchrun only rank 0 builds the null space (`Editor`)
     templates = context_templates(ledger.state["prefixes"])
-    return second_moments(preserved_keys(lm, [*preserved, *named], templates, unbuilt, quiet))
+    return preserved_keys(lm, [*preserved, *named], templates, unbuilt, quiet)
 
 
 def apply_requests(
