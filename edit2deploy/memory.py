@@ -86,6 +86,12 @@ class PeakMemory:
                 used = torch.cuda.max_memory_allocated() / _MIB
                 self.cuda[name] = round(max(used, self.cuda.get(name, 0.0)), 1)
 
+    def at_least(self, name: str, mib: float | None) -> None:
+        """Raise a stage's peak to `mib`: a peak measured inside it by a `PeakMemory` of its own, whose resets
+        hid it from this one."""
+        if mib is not None:
+            self.rss[name] = round(max(mib, self.rss.get(name, 0.0)), 1)
+
     def to_json(self) -> dict:
         out: dict = {"peak_rss_mib": dict(self.rss), "per_stage": self.per_stage}
         if self.cuda:

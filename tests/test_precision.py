@@ -208,6 +208,8 @@ def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(
     peaks = doc["memory"]["peak_rss_mib"]
     assert {"edit", "reference", "export gguf:Q8_0", "verify gguf:Q8_0"} <= set(peaks)
     assert all(v > 0 for v in peaks.values())
+    inner = [v for r in Ledger.load(res.model_dir).records for v in r.get("peak_rss_mib", {}).values()]
+    assert inner and peaks["edit"] >= max(inner)  # the edit's own stages reset the high-water mark
     assert "Peak memory" in res.reports["md"].read_text()
     monkeypatch.setattr(run_module, "available_mib", available)
     # asking for float32 weights edits again (the reused model was made in bf16)

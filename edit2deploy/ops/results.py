@@ -24,6 +24,9 @@ class EditStage:
     cached: bool
     note: str  # why editing ran (or "reused")
     seconds: float
+    peak_rss_mib: float | None = (
+        None  # the largest of the edit's own stages (load, statistics, batches, write)
+    )
 
 
 @dataclass

@@ -214,6 +214,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
         if made != c.dtype:
             problem = f"the weights were loaded in {made}, not {c.dtype}"
     t = time.perf_counter()
+    peak = None
     if problem is None:
         log(f"edit: reusing {out_model} (same requests, configuration and base model)")
     else:
@@ -237,6 +238,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
         )
         if res.failed:
             raise Edit2DeployError(f"edit batch {res.failed['batch']} was not applied: {res.failed['error']}")
+        peak = max(res.memory.rss.values(), default=None)
     ledger = Ledger.load(out_model)
     assert ledger is not None
     return EditStage(
@@ -248,6 +250,7 @@ def edit_stage(inp: RunInputs, log: Log) -> EditStage:
         cached=problem is None,
         note="reused" if problem is None else problem,
         seconds=0.0 if problem is None else time.perf_counter() - t,
+        peak_rss_mib=peak,
     )
 
 
@@ -399,6 +402,8 @@ def run(config: RunConfig, log: Log | None = None) -> RunResult:
     memory = PeakMemory()
     with memory.stage("edit"):
         edit = edit_stage(inp, log)
+    # the edit resets the high-water mark for stages of its own: the stage's peak is the largest of them
+    memory.at_least("edit", edit.peak_rss_mib)
     exports = export_stage(inp, edit, log, memory)
     verified = verify_stage(inp, edit, exports, log, memory)
     seconds = {"edit": edit.seconds, "reference": verified.reference_seconds}
