@@ -35,7 +35,7 @@ def add_edit(sub) -> Callable:
         "--corpus", default=None, help="text file or directory for key statistics (default: model-generated)"
     )
     p.add_argument(
-        "--n-tokens", type=positive, default=None, help="tokens of statistics corpus (default 100,000)"
+        "--n-tokens", type=positive, default=None, help="tokens of statistics corpus (default 30,000)"
     )
     p.add_argument("--config", default=None, help="TOML file with an [edit] table of hyperparameters")
     add_set(p)
@@ -262,7 +262,7 @@ def add_stats(sub) -> Callable:
     p = sub.add_parser("stats", help="precompute key statistics (C = E[k kᵀ]) for the edited layers")
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", default=None, help="text file or directory (default: model-generated text)")
-    p.add_argument("--n-tokens", type=positive, default=None, help="default 100,000")
+    p.add_argument("--n-tokens", type=positive, default=None, help="default 30,000")
     p.add_argument("--layers", default=None, help="default: the architecture's edited layers")
     p.add_argument("--device", default="cpu")
     add_device_map(p)

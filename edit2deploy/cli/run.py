@@ -65,7 +65,7 @@ def add_run(sub) -> Callable:
     p.add_argument(
         "--corpus", default=None, help="text file or directory for key statistics (default: generated)"
     )
-    p.add_argument("--n-tokens", type=positive, default=None, help="statistics tokens (default 100,000)")
+    p.add_argument("--n-tokens", type=positive, default=None, help="statistics tokens (default 30,000)")
     p.add_argument(
         "--preserved", default=None, help="extra facts that must not change (same formats as --edits)"
     )
