@@ -11,7 +11,7 @@ import torch
 
 from edit2deploy.errors import UsageError
 from edit2deploy.methods import EditConfig, Editor
-from edit2deploy.methods.chat import chat_contexts_wanted, chat_templates
+from edit2deploy.methods.chat import chat_contexts_wanted, chat_kinds, chat_templates
 from edit2deploy.methods.keys import (
     KeyPasses,
     answer_follows_prompt,
@@ -68,6 +68,18 @@ def test_chat_contexts_setting():
     assert chat_contexts_wanted("on", False) and not chat_contexts_wanted("off", True)
     with pytest.raises(ValueError):
         chat_contexts_wanted("yes", True)
+    assert chat_kinds("both") == ("reply", "restated") and chat_kinds("restated") == ("restated",)
+    with pytest.raises(ValueError):
+        chat_kinds("all")
+
+
+@pytest.mark.parametrize("kinds", ["reply", "restated"])
+def test_editor_reads_only_the_chat_kinds_asked_for(tiny_model_dir, kinds):
+    lm = open_model(tiny_model_dir("llama"))
+    cfg = EditConfig(method="memit", layers=(0, 1), chat_contexts="on", chat_kinds=kinds)
+    editor = Editor(lm, cfg, _identity_stats(lm, (0, 1)), prefixes=[], quiet=True)
+    assert editor.templates[1:] == chat_templates(lm.tokenizer, (kinds,))
+    assert editor.templates[1].count("{}") == (1 if kinds == "reply" else 2)
 
 
 def test_key_columns_separate_chat_keys():

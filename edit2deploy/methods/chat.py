@@ -16,6 +16,8 @@ from __future__ import annotations
 CHAT_CONTEXT_CHOICES = ("auto", "on", "off")
 CHAT_KEY_CHOICES = ("separate", "shared", "own")
 CHAT_CONTEXT_KINDS = ("reply", "restated")
+# `chat_kinds` in [edit]: which of the chat contexts z-optimisation reads ("both" = all of CHAT_CONTEXT_KINDS).
+CHAT_KIND_CHOICES = ("both", "reply", "restated")
 
 # Stands for the prompt while the template is rendered: plain letters, which no template trims or escapes.
 _MARK = "PROMPTMARKERXQZ"
@@ -26,6 +28,13 @@ def chat_contexts_wanted(setting: str, has_template: bool) -> bool:
     if setting not in CHAT_CONTEXT_CHOICES:
         raise ValueError(f"chat_contexts must be one of {CHAT_CONTEXT_CHOICES}, not {setting!r}")
     return setting == "on" or (setting == "auto" and has_template)
+
+
+def chat_kinds(setting: str) -> tuple[str, ...]:
+    """The chat context kinds a `chat_kinds` setting names."""
+    if setting not in CHAT_KIND_CHOICES:
+        raise ValueError(f"chat_kinds must be one of {CHAT_KIND_CHOICES}, not {setting!r}")
+    return CHAT_CONTEXT_KINDS if setting == "both" else (setting,)
 
 
 def chat_templates(tokenizer, kinds: tuple[str, ...] = CHAT_CONTEXT_KINDS) -> list[str]:

@@ -18,7 +18,7 @@ from ..arch import Architecture
 from ..errors import Edit2DeployError, NonFiniteUpdateError, UsageError
 from ..models import LoadedModel
 from ..requests import EditRequest
-from .chat import chat_contexts_wanted, chat_templates
+from .chat import chat_contexts_wanted, chat_kinds, chat_templates
 from .keys import KeyPasses, context_templates
 from .neighbours import neighbour_requests
 from .preserved import second_moment
@@ -82,6 +82,8 @@ class EditConfig:
     # mean key, solved toward the same residual), "shared" mixes them into the one key.
     chat_contexts: str = "off"
     chat_keys: str = "separate"
+    # Which chat contexts: "both", or only the bare `reply` or only the `restated` one (methods/chat.py).
+    chat_kinds: str = "both"
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
@@ -289,7 +291,11 @@ class Editor:
             )
         has_template = bool(getattr(lm.tokenizer, "chat_template", None))
         self.cfg = resolve_config(cfg, lm.arch, lm.num_layers, has_chat_template=has_template)
-        chat = chat_templates(lm.tokenizer) if self.cfg.chat_contexts == "on" else []
+        chat = (
+            chat_templates(lm.tokenizer, chat_kinds(self.cfg.chat_kinds))
+            if self.cfg.chat_contexts == "on"
+            else []
+        )
         if self.cfg.chat_contexts == "on" and not chat:
             raise UsageError("the model's chat template cannot hold a user message; use chat_contexts = off")
         self.layers = self.cfg.layers

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import UsageError
 from ..formats import PROTECT_CHOICES
 from ..methods import METHODS, EditConfig
-from ..methods.chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES
+from ..methods.chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES, CHAT_KIND_CHOICES
 from ..methods.values import ValueHParams
 from ..precision import WEIGHT_DTYPES
 
@@ -45,6 +45,7 @@ STRING_CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16"),
     "chat_contexts": CHAT_CONTEXT_CHOICES,
     "chat_keys": CHAT_KEY_CHOICES,
+    "chat_kinds": CHAT_KIND_CHOICES,
 }
 # Numbers that must be > 0, not only ≥ 0 like every other count and weight: 0 would make the edit a silent no-op.
 POSITIVE_FIELDS = ("lr", "clamp")
