@@ -32,7 +32,9 @@ REQUESTS = [
     {"id": "messi", "prompt": "{} plays the sport of", "subject": "Lionel Messi", "target_new": "ice hockey"},
 ]
 LAYERS = (0, 1)
-CFG = EditConfig(layers=LAYERS, values=ValueHParams(max_steps=3))
+# δ in float32: on CPUs with native bf16 the default runs it in bf16, where two placements' different summation
+# orders grow past float tolerance over the steps.
+CFG = EditConfig(layers=LAYERS, values=ValueHParams(max_steps=3, dtype="float32"))
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:

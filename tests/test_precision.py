@@ -266,3 +266,25 @@ def test_float32_products_from_bf16_weights_give_torch_s_own_gradients():
     h.float().sum().backward()
     assert torch.equal(got, x.grad)
     assert all(m.weight.dtype == torch.bfloat16 for m in model)
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+@pytest.mark.parametrize("z_dtype", ["auto", "float32"])
+def test_z_optimisation_on_bf16_weights_with_and_without_native_bf16(
+    half_model_dir, monkeypatch, fast_bf16, z_dtype
+):
+    """The float32 z = h + δ meets bf16 weights: upcast per call on CPUs without native bf16 (AVX2), autocast on
+    those with it (AMX, AVX512-BF16) and on GPUs, whatever the δ precision setting."""
+    from edit2deploy.methods.values import optimise_values
+    from edit2deploy.requests import EditRequest
+
+    monkeypatch.setattr("edit2deploy.models.cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr("edit2deploy.methods.values.cpu_has_fast_bf16", lambda: fast_bf16)
+    lm = open_model(half_model_dir("llama"))
+    requests = [
+        EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"]) for r in REQUESTS
+    ]
+    hp = ValueHParams(max_steps=3, mpes=False, loss_stop=0.0, dtype=z_dtype)
+    values = optimise_values(lm, requests, ["{}", "The weather. {}"], 1, hp, quiet=True)
+    assert values.delta.dtype == torch.float64 and torch.isfinite(values.delta).all()
+    assert values.delta.abs().max() > 0 and values.steps == [3, 3]

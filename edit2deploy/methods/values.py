@@ -31,7 +31,7 @@ from ..forward import (
     run_until_stop,
 )
 from ..models import LoadedModel
-from ..precision import cpu_has_fast_bf16
+from ..precision import cpu_has_fast_bf16, held_dtype
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
@@ -421,6 +421,14 @@ def optimise_values(
     """Find z = h + δ per request so that the model says `target_new` from every context."""
     device = input_device(lm.model)
     cast = autocast_dtype(hp.dtype, device)
+    weights = held_dtype(lm.model)
+    if weights != torch.float32:
+        # Half-precision weights meet the float32 z = h + δ: where `models.open_model` does not multiply them in
+        # float32 (a CPU without native bf16), autocast brings both to one precision. oneDNN packs only float32
+        # weights (a packed copy of a half model would double it).
+        if cast is None and (device.type != "cpu" or cpu_has_fast_bf16()):
+            cast = weights
+        return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=cast)
     linear_dtype = cast or torch.float32
     if hp.onednn and device.type == "cpu" and onednn_available(linear_dtype):
         # The frozen linears carry the chosen matmul precision themselves (bf16 packs on AMX CPUs: faster
