@@ -125,7 +125,13 @@ def test_editor_with_chat_contexts(tiny_model_dir, chat_keys, columns):
     layers = (0, 1)
     hp = ValueHParams(max_steps=2, mpes=False, loss_stop=0.0, dtype="float32")
     cfg = EditConfig(
-        method="memit", layers=layers, lambda_p=1e-8, values=hp, chat_contexts="auto", chat_keys=chat_keys
+        method="memit",
+        layers=layers,
+        lambda_p=1e-8,
+        values=hp,
+        chat_contexts="auto",
+        chat_keys=chat_keys,
+        chat_kinds="both",
     )
     editor = Editor(lm, cfg, _identity_stats(lm, layers), prefixes=[], quiet=True)
     assert editor.cfg.chat_contexts == "on" and len(editor.templates) == 3

@@ -799,7 +799,8 @@ def test_editor_neighbour_keys_hold_the_same_prompt_about_other_names(tiny_model
     layers = (0, 1)
     names = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Kurt Gödel", "Emmy Noether", "Paris Hilton"]
     hp = ValueHParams(max_steps=4, mpes=False, dtype="float32")
-    base = EditConfig(method="memit", layers=layers, lambda_p=0.1, values=hp)  # C = I: no null space
+    # C = I: no null space; text contexts only (one key column per fact)
+    base = EditConfig(method="memit", layers=layers, lambda_p=0.1, values=hp, chat_contexts="off")
     moved = {}
     for weight in (0.0, 1e4):
         lm = open_model(tiny_model_dir("llama"))
@@ -849,6 +850,7 @@ def test_editor_neighbour_null_takes_the_neighbours_out_of_the_null_space(tiny_m
             neighbour_weight=weight,
             neighbour_names=4,
             neighbour_null=True,
+            chat_contexts="off",
         )
         editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True, names=names)
         basis = editor.state[0].null_basis.clone()
@@ -1031,7 +1033,9 @@ def test_editor_method_registry_and_layer_checks(tiny_llama):
         Editor(tiny_llama, EditConfig(method="rome"), stats, prefixes=[])
     with pytest.raises(UsageError, match=r"\[5\] out of range"):
         Editor(tiny_llama, EditConfig(layers=(1, 5)), stats, prefixes=[])
-    ed = Editor(tiny_llama, EditConfig(method="memit", layers=(1, 0)), stats, prefixes=["x"])
+    ed = Editor(
+        tiny_llama, EditConfig(method="memit", layers=(1, 0), chat_contexts="off"), stats, prefixes=["x"]
+    )
     assert ed.layers == (0, 1) and not ed.cfg.values.mpes
     assert ed.templates == ["{}", "x. {}"]
 

@@ -140,7 +140,8 @@ def test_ledger_records_every_batch(env, three):
         assert rec["method"] == "default" and rec["layers"] == list(LAYERS)
         assert rec["config"]["values"]["max_steps"] == 2 and len(rec["requests"]) == 1
         keys = ledger.batch_tensors[rec["id"]]
-        assert keys["keys.0"].dtype == torch.float64 and keys["keys.0"].shape == (128, 1)
+        # one request: its text key and its chat key (chat contexts on: the model has a chat template)
+        assert keys["keys.0"].dtype == torch.float64 and keys["keys.0"].shape == (128, 2)
     assert set(ledger.method_state) == {"null_basis.0", "null_basis.1"}
 
 

@@ -79,11 +79,12 @@ class EditConfig:
     preserve_names: bool = True
     # Chat contexts (methods/chat.py): "auto" = on when the model has a chat template; resolved to "on"/"off"
     # in the recorded config. `chat_keys`: "separate" gives each fact a second key column (its chat contexts'
-    # mean key, solved toward the same residual), "shared" mixes them into the one key.
-    chat_contexts: str = "off"
+    # mean key, solved toward the same residual), "shared" mixes them into the one key. `chat_kinds`: which chat
+    # contexts, "restated" (the assistant repeats the prompt, then answers), "reply" (the answer opens the reply)
+    # or "both"; the reply context's δ moves other names with the subject (RESULTS.md, 1.6).
+    chat_contexts: str = "auto"
     chat_keys: str = "separate"
-    # Which chat contexts: "both", or only the bare `reply` or only the `restated` one (methods/chat.py).
-    chat_kinds: str = "both"
+    chat_kinds: str = "restated"
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
