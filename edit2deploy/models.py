@@ -30,10 +30,10 @@ from .errors import UsageError
 from .forward import recompute_offloaded
 from .precision import (
     compute_in_float32,
-    cpu_has_fast_bf16,
     held_dtype,
     hold_in_float32,
     stored_float32,
+    upcasts_half_linears,
     weights_dtype,
 )
 
@@ -559,7 +559,7 @@ def open_model(
     else:
         recompute_offloaded(model)
         torch_device = input_device(model)
-    if torch_dtype != torch.float32 and torch_device.type == "cpu" and not cpu_has_fast_bf16():
+    if torch_dtype != torch.float32 and upcasts_half_linears(torch_device):
         compute_in_float32(model)
     model.eval()
     model.requires_grad_(False)

@@ -93,6 +93,12 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def upcasts_half_linears(device: torch.device) -> bool:
+    """Whether half-precision linears on `device` multiply in float32 (`compute_in_float32`, which
+    `models.open_model` applies): on a CPU without native bf16. Elsewhere they multiply in their own precision."""
+    return device.type == "cpu" and not cpu_has_fast_bf16()
+
+
 def compute_in_float32(model: torch.nn.Module) -> int:
     """Make every bf16/fp16 `nn.Linear` of `model` multiply in float32 from its half-precision weight, cast at
     each call; returns how many. Why: on CPUs without native bf16 (AVX2) torch's bf16 matmul runs ~3-6x slower

@@ -32,13 +32,12 @@ from .models import LoadedModel, cache_root, file_sha256
 from .scoring import document_start, pad_batch, pad_id
 
 MAX_SEQ_LEN = 1024
-# 30k gave the edits 100k gave on SmolLM2 (d_in 1,536; benchmarks/RESULTS.md 5.3) and samples in a third of the
+# 30k gave the edits 100k gave on SmolLM2 (d_in 1,536; benchmarks/RESULTS.md 5.4) and samples in a third of the
 # time; a wider projection may want more (docs/method.md, "Key statistics").
 DEFAULT_N_TOKENS = 30_000
 GENERATED_CORPUS_ID = "generated-v3"  # v3: rows sampled in batches sized by `sampling_batch` (v2: 32)
-SAMPLING_KV_BUDGET_MIB = (
-    1024  # the KV cache of one sampling batch; a batch of 128 rows suits 2 CPU cores best
-)
+# the KV cache of one sampling batch; a batch of 128 rows suits 2 CPU cores best
+SAMPLING_KV_BUDGET_MIB = 1024
 MAX_SAMPLING_BATCH = 128
 GENERATION_SEEDS = ("The", "In", "A", "It", "He", "She", "This", "When", "There", "One", "We", "After")
 

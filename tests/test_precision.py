@@ -278,8 +278,8 @@ def test_z_optimisation_on_bf16_weights_with_and_without_native_bf16(
     from edit2deploy.methods.values import optimise_values
     from edit2deploy.requests import EditRequest
 
-    monkeypatch.setattr("edit2deploy.models.cpu_has_fast_bf16", lambda: fast_bf16)
-    monkeypatch.setattr("edit2deploy.methods.values.cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr("edit2deploy.precision.cpu_has_fast_bf16", lambda: fast_bf16)  # open_model, values
+    monkeypatch.setattr("edit2deploy.methods.values.cpu_has_fast_bf16", lambda: fast_bf16)  # autocast_dtype
     lm = open_model(half_model_dir("llama"))
     requests = [
         EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"]) for r in REQUESTS

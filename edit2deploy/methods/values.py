@@ -31,7 +31,7 @@ from ..forward import (
     run_until_stop,
 )
 from ..models import LoadedModel
-from ..precision import cpu_has_fast_bf16, held_dtype
+from ..precision import cpu_has_fast_bf16, held_dtype, upcasts_half_linears
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
@@ -423,10 +423,10 @@ def optimise_values(
     cast = autocast_dtype(hp.dtype, device)
     weights = held_dtype(lm.model)
     if weights != torch.float32:
-        # Half-precision weights meet the float32 z = h + δ: where `models.open_model` does not multiply them in
-        # float32 (a CPU without native bf16), autocast brings both to one precision. oneDNN packs only float32
-        # weights (a packed copy of a half model would double it).
-        if cast is None and (device.type != "cpu" or cpu_has_fast_bf16()):
+        # Half-precision weights meet the float32 z = h + δ: where their linears do not multiply in float32,
+        # autocast brings both to one precision. oneDNN packs only float32 weights (a packed copy of a half model
+        # would double it).
+        if cast is None and not upcasts_half_linears(device):
             cast = weights
         return _optimise_values(lm, requests, templates, z_layer, hp, quiet, cast=cast)
     linear_dtype = cast or torch.float32

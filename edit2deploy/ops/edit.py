@@ -86,9 +86,7 @@ def statistics_corpus(corpus: str | Path | None, lm: LoadedModel) -> Corpus:
     a family GGUF holds, llama-cpp-python installed): about twice torch's speed on a CPU. Under torchrun rank 0
     alone samples (`stats.corpus_token_chunks`), so one process and N sample the same text."""
     corp = corpus_from_path(corpus)
-    if corp.path is not None or hasattr(lm.model, "hf_device_map"):
-        return corp
-    if input_device(lm.model).type != "cpu":
+    if corp.path is not None or hasattr(lm.model, "hf_device_map") or input_device(lm.model).type != "cpu":
         return corp
     sampler = sampler_for(lm.model_dir, cache_root() / "sampling")
     return corp if sampler is None else generated_corpus(sampler)

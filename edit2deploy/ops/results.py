@@ -24,9 +24,8 @@ class EditStage:
     cached: bool
     note: str  # why editing ran (or "reused")
     seconds: float
-    peak_rss_mib: float | None = (
-        None  # the largest of the edit's own stages (load, statistics, batches, write)
-    )
+    # the largest peak of the edit's own stages (load, statistics, batches, write); None when reused
+    peak_rss_mib: float | None = None
 
 
 @dataclass
