@@ -58,6 +58,7 @@ class GenProbe:
     expected_aliases: tuple[str, ...] = ()
     other_aliases: tuple[str, ...] = ()
     source: str = "prompt"  # what was asked: the edit prompt, a paraphrase, a question, a neighbour prompt
+    subject: str | None = None  # the edited fact's subject: words restating it are not answers
 
 
 def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
@@ -65,14 +66,18 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
     out: list[GenProbe] = []
     for r in requests:
         new_a, old_a = r.aliases_of(r.target_new), r.aliases_of(r.target_true or "")
-        out.append(GenProbe(r.id, "completion", r.text, r.target_new, r.target_true, new_a, old_a))
+        out.append(
+            GenProbe(r.id, "completion", r.text, r.target_new, r.target_true, new_a, old_a, subject=r.subject)
+        )
         asked = {
             r.text: "prompt",
             **{p: "paraphrase" for p in r.paraphrases},
             **{q: "question" for q in r.questions},
         }
         for message, source in asked.items():
-            out.append(GenProbe(r.id, "chat", message, r.target_new, r.target_true, new_a, old_a, source))
+            out.append(
+                GenProbe(r.id, "chat", message, r.target_new, r.target_true, new_a, old_a, source, r.subject)
+            )
         for n in r.neighborhood:
             kinds = (
                 ("neighborhood", "neighborhood_chat")
@@ -102,7 +107,10 @@ def judge(probe: GenProbe, text: str | None) -> Generated:
             text, KEPT if verdict(text, probe.expected, None, probe.expected_aliases) == Verdict.NEW else LOST
         )
     return Generated(
-        text, verdict(text, probe.expected, probe.other, probe.expected_aliases, probe.other_aliases).value
+        text,
+        verdict(
+            text, probe.expected, probe.other, probe.expected_aliases, probe.other_aliases, probe.subject
+        ).value,
     )
 
 

@@ -8,7 +8,9 @@ symbols read as spaces, whitespace collapsed), or an alias of it does.
 - **old**: the old answer is mentioned first;
 - **neither**: otherwise.
 
-When both start at the same word, the longer match counts (the more specific answer).
+When both start at the same word, the longer match counts (the more specific answer). Words that restate the
+fact's subject are not mentions of an answer: "BMW 326 is produced by Sony" gives the new answer of "BMW 326,
+produced by" (old answer BMW), since a reply that restates the question names its subject.
 """
 
 from __future__ import annotations
@@ -31,9 +33,30 @@ def words(text: str) -> list[str]:
     return kept.split()
 
 
-def first_mention(text: str, answer: str, aliases: Sequence[str] = ()) -> tuple[int, int] | None:
-    """(word index, −length) of the earliest whole-word mention of `answer` or an alias; None when absent."""
+def masked_words(text: str, masked: Sequence[str] = ()) -> list[str]:
+    """`words(text)` with every whole-word occurrence of a `masked` phrase blanked (positions kept)."""
     hay = words(text)
+    for phrase in masked:
+        needle = words(phrase)
+        n = len(needle)
+        if not n:
+            continue
+        i = 0
+        while i <= len(hay) - n:
+            if hay[i : i + n] == needle:
+                hay[i : i + n] = [""] * n
+                i += n
+            else:
+                i += 1
+    return hay
+
+
+def first_mention(
+    text: str, answer: str, aliases: Sequence[str] = (), masked: Sequence[str] = ()
+) -> tuple[int, int] | None:
+    """(word index, −length) of the earliest whole-word mention of `answer` or an alias outside the `masked`
+    phrases; None when absent."""
+    hay = masked_words(text, masked)
     best = None
     for name in (answer, *aliases):
         needle = words(name)
@@ -56,10 +79,12 @@ def verdict(
     old: str | None = None,
     new_aliases: Sequence[str] = (),
     old_aliases: Sequence[str] = (),
+    subject: str | None = None,
 ) -> Verdict:
-    """The verdict of one generated text (see the module docstring)."""
-    at_new = first_mention(text, new, new_aliases)
-    at_old = first_mention(text, old, old_aliases) if old else None
+    """The verdict of one generated text (see the module docstring); mentions inside `subject` do not count."""
+    masked = (subject,) if subject else ()
+    at_new = first_mention(text, new, new_aliases, masked)
+    at_old = first_mention(text, old, old_aliases, masked) if old else None
     if at_old is not None and (at_new is None or at_old < at_new):
         return Verdict.OLD
     if at_new is not None:

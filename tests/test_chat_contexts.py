@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from edit2deploy.arch import head_logits
 from edit2deploy.errors import UsageError
 from edit2deploy.methods import EditConfig, Editor
 from edit2deploy.methods.chat import chat_contexts_wanted, chat_kinds, chat_templates
@@ -19,7 +20,7 @@ from edit2deploy.methods.keys import (
     key_columns,
     locate_in_template,
 )
-from edit2deploy.methods.values import ValueHParams, build_rows, optimise_values
+from edit2deploy.methods.values import ValueHParams, _Batch, build_rows, kl_divergence, optimise_values
 from edit2deploy.models import open_model
 from edit2deploy.requests import EditRequest
 
@@ -61,6 +62,10 @@ def test_chat_rows_locate_every_subject_and_open_the_reply_with_the_answer(smoll
     assert tok.decode(rep.ids[rep.target_cols[0]]) == "\n"  # predicted right after the assistant header
     assert res.delta_cols == loc.occurrences and rep.delta_cols == (rep.subject_last,)
     assert kl.is_kl and bare.is_bare
+    # the restated reply's positions before its answer: they predict the restated prompt, then the answer follows
+    assert tok.decode([res.ids[c + 1] for c in res.reply_cols]) == r.text
+    assert res.reply_cols[-1] + 1 == res.target_cols[0]
+    assert bare.reply_cols == rep.reply_cols == kl.reply_cols == ()
 
 
 def test_chat_contexts_setting():
@@ -108,6 +113,35 @@ def test_prefix_cache_is_exact_with_two_subject_occurrences(tiny_model_dir, fami
     assert cached.steps == whole.steps and cached.converged == whole.converged
     assert cached.delta.abs().max() > 1e-3
     assert torch.allclose(cached.z, whole.z, atol=1e-5, rtol=1e-5)
+
+
+def _reply_kl(lm, rows, templates, delta):
+    """Mean KL(with δ ‖ without) over the restated rows' reply positions, δ (n, d) at every subject."""
+    batch = _Batch(lm, rows, 2)
+    batch.prepare(torch.zeros(len(REQUESTS), delta.shape[1]))
+    sel = [i for i, r in enumerate(rows) if r.reply_cols]
+    with torch.no_grad():
+        out = []
+        for d in (delta, torch.zeros_like(delta)):
+            hidden = batch.forward(sel, d)
+            at = [(j, batch.suffix_col(i, c)) for j, i in enumerate(sel) for c in rows[i].reply_cols]
+            logits = head_logits(lm.model, hidden[[a[0] for a in at], [a[1] for a in at]])
+            out.append(torch.log_softmax(logits.float(), -1))
+    return kl_divergence(out[0], out[1]).mean().item()
+
+
+def test_reply_kl_holds_the_restated_reply(tiny_model_dir):
+    """`reply_kl` makes z-optimisation pay for a δ that changes how the restated reply goes before its answer:
+    the same steps end with less change there."""
+    lm = open_model(tiny_model_dir("llama", layers=4))
+    templates = ["{}"] + chat_templates(lm.tokenizer, ("restated",))
+    rows = build_rows(lm, REQUESTS, templates)
+    hp = ValueHParams(lr=0.2, max_steps=8, mpes=False, loss_stop=0.0, dtype="float32", clamp=4.0)
+    free = optimise_values(lm, REQUESTS, templates, 2, hp, quiet=True)
+    held = optimise_values(lm, REQUESTS, templates, 2, dataclasses.replace(hp, reply_kl=50.0), quiet=True)
+    kl_free = _reply_kl(lm, rows, templates, free.delta.T.float())
+    kl_held = _reply_kl(lm, rows, templates, held.delta.T.float())
+    assert kl_free > 1e-4 and kl_held < 0.5 * kl_free
 
 
 def _identity_stats(lm, layers):

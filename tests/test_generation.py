@@ -57,6 +57,7 @@ def test_probes_of_a_request():
     assert judge(chat, "It is in Roma, Italy.").verdict == "new"
     assert judge(chat, "Paris, then Rome.").verdict == "old"
     assert judge(chat, None).verdict is None  # not generated (no chat template)
+    assert chat.subject == REQ.subject and probes[0].subject == REQ.subject and probes[-1].subject is None
     assert judge(probes[-1], "The Louvre is in Paris.").verdict == "kept"
     assert judge(probes[-1], "The Louvre is in Rome.").verdict == "lost"
 

@@ -48,3 +48,13 @@ def test_verdict_tie_goes_to_the_longer_answer():
     assert verdict("New York City is big", "New York City", "New York") is Verdict.NEW
     assert verdict("New York City is big", "New York", "New York City") is Verdict.OLD
     assert verdict("the University of Michigan", "University of Michigan", "Michigan") is Verdict.NEW
+
+
+def test_words_restating_the_subject_are_not_answers():
+    # the old answer is part of the subject: a reply that restates the subject does not name it
+    assert verdict("BMW 326 is produced by Sony.", "Sony", "BMW", subject="BMW 326") is Verdict.NEW
+    assert verdict("The BMW 326, made by BMW.", "Sony", "BMW", subject="BMW 326") is Verdict.OLD
+    assert verdict("BMW 326 is a car.", "Sony", "BMW", subject="BMW 326") is Verdict.NEITHER
+    assert verdict("BMW 326 is produced by Sony.", "Sony", "BMW") is Verdict.OLD  # no subject given
+    # the subject's words count only as a whole phrase
+    assert verdict("BMW makes it; Sony sells it", "Sony", "BMW", subject="BMW 326") is Verdict.OLD

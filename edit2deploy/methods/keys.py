@@ -114,6 +114,21 @@ def locate_in_template(tokenizer, template: str, request: EditRequest) -> Locate
     return locate_spans(tokenizer, text, spans)
 
 
+def restatement_start(tokenizer, template: str, request: EditRequest) -> int | None:
+    """Index of the first token of the prompt's last copy in a template that holds it more than once (a chat
+    context whose reply restates the prompt), or None."""
+    text, spans = fill_template(template, request)
+    if len(spans) < 2:
+        return None
+    start = spans[-1][0] - request.prompt.index("{}")  # where the last copy of the prompt's text begins
+    bos = getattr(tokenizer, "bos_token", None)
+    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > start:
+            return i
+    return None
+
+
 def answer_follows_prompt(template: str) -> bool:
     """Whether the answer continues the prompt's text (" Rome", after a space) or opens the assistant's reply
     ("Rome", right after the chat template's assistant header)."""

@@ -35,7 +35,7 @@ from ..precision import cpu_has_fast_bf16, held_dtype, upcasts_half_linears
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
-from .keys import answer_follows_prompt, locate_in_template, locate_subject
+from .keys import answer_follows_prompt, locate_in_template, locate_subject, restatement_start
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class ValueHParams:
     clamp: float = 0.75  # ‖δ‖ ≤ clamp·‖h‖
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
+    # Weight of the restated reply's KL: in a chat context whose reply restates the prompt, the next-token
+    # distributions of the reply before its answer are held to the unedited model's (mean KL per position). A δ
+    # at the user turn's subject that derails the reply (a new answer that makes the model start its reply in
+    # that answer's language or about it, instead of about the subject) costs here. 0: off.
+    reply_kl: float = 0.0
     mpes: bool | None = None  # None: the method's own choice (see METHODS)
     mpes_extra: int = 1
     loss_stop: float = 5e-2  # without MPES: ROME's stop once the loss is this small
@@ -106,6 +111,7 @@ class Row:
     subject_cols: tuple[
         int, ...
     ] = ()  # every occurrence of the subject (δ goes to each); () = (subject_last,)
+    reply_cols: tuple[int, ...] = ()  # positions predicting a restated reply's tokens before its answer
 
     @property
     def delta_cols(self) -> tuple[int, ...]:
@@ -130,6 +136,8 @@ def build_rows(
                 loc = locate_in_template(tok, t, r)
                 cols = [len(loc.ids) - 1 + j for j in range(len(target))]
                 first = loc.occurrences[0]  # the prefix cache splits here; δ goes to every occurrence
+                restated = restatement_start(tok, t, r)
+                reply = tuple(range(restated - 1, len(loc.ids) - 1)) if restated and not is_true else ()
                 rows.append(
                     Row(
                         ri,
@@ -142,6 +150,7 @@ def build_rows(
                         is_true,
                         ti,
                         loc.occurrences if len(loc.occurrences) > 1 else (),
+                        reply,
                     )
                 )
         loc = locate_subject(tok, f"{r.subject} is a", 0, len(r.subject))
@@ -460,6 +469,7 @@ def _optimise_values(
     opt = torch.optim.Adam([delta], lr=hp.lr)
     h_init = torch.zeros(n, d, device=device)
     kl_init = None
+    reply_init: dict[int, torch.Tensor] = {}  # restated rows' reply distributions before any δ, by row
     active = [True] * n
     countdown = [-1] * n  # MPES: extra steps left once converged (-1: not converged yet)
     steps = [0] * n
@@ -479,6 +489,9 @@ def _optimise_values(
         if not sel_all:
             break
         tok_lp, hits, tok_owner, tok_row, kl_lp, kl_owner, row_owner = [], [], [], [], [], [], []
+        reply_kl: list[list[torch.Tensor]] = [
+            [] for _ in range(n)
+        ]  # per request, one mean KL per restated row
         true_lp, true_row, pos_orig = (
             [],
             [],
@@ -524,6 +537,18 @@ def _optimise_values(
                 with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                     logits = head_logits(model, hidden[kl_rows, kl_cols])
                 kl_lp.append(F.log_softmax(logits.float(), -1))
+            if hp.reply_kl > 0:
+                for j, i in enumerate(sel):
+                    cols = rows[i].reply_cols
+                    if not cols:
+                        continue
+                    at = [batch.suffix_col(i, c) for c in cols]
+                    with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
+                        logits = head_logits(model, hidden[j, at])
+                    cur = F.log_softmax(logits.float(), -1)
+                    if i not in reply_init:  # first step: δ = 0, the unedited model's distributions
+                        reply_init[i] = cur.detach()
+                    reply_kl[rows[i].owner].append(kl_divergence(cur, reply_init[i]).mean())
         tok_lp_t, hit_t = torch.cat(tok_lp), torch.cat(hits)
         kl_lp_t = torch.cat(kl_lp)
         kl_owner_t = torch.tensor(kl_owner, device=device)
@@ -542,6 +567,9 @@ def _optimise_values(
             0, kl_owner_t, kl_divergence(kl_lp_t, kl_init[kl_owner_t])
         )
         loss = nll + hp.kl_factor * kl + weight_decay(delta, h_init, hp.weight_decay)
+        if hp.reply_kl > 0:
+            zero = torch.zeros((), device=device)
+            loss = loss + hp.reply_kl * torch.stack([torch.stack(k).mean() if k else zero for k in reply_kl])
 
         all_hit = [True] * n
         for o, h in zip(tok_owner, hit_t.tolist()):
