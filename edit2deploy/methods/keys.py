@@ -64,6 +64,7 @@ class Located:
     ids: list[int]
     subject_last: int
     subject_lasts: tuple[int, ...] = ()
+    restated: int | None = None  # first token of the prompt's last copy, in a context that restates it
 
     @property
     def occurrences(self) -> tuple[int, ...]:
@@ -79,8 +80,11 @@ def locate_subject(tokenizer, text: str, subject_start: int, subject_end: int) -
     return locate_spans(tokenizer, text, [(subject_start, subject_end)])
 
 
-def locate_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Located:
-    """Tokenize `text` and find the last token overlapping each (start, end) character span."""
+def locate_spans(
+    tokenizer, text: str, spans: Sequence[tuple[int, int]], restated_at: int | None = None
+) -> Located:
+    """Tokenize `text` and find the last token overlapping each (start, end) character span (and, with
+    `restated_at`, the first token ending after that character)."""
     # A text that already opens with BOS (a rendered chat template) gets no second one.
     bos = getattr(tokenizer, "bos_token", None)
     special = not (bos and text.startswith(bos))
@@ -94,7 +98,10 @@ def locate_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Loca
         if last is None:
             raise ValueError(f"subject span {start}:{end} not found in tokens of {text!r}")
         lasts.append(last)
-    return Located(list(enc["input_ids"]), lasts[-1], tuple(lasts) if len(lasts) > 1 else ())
+    restated = None
+    if restated_at is not None:
+        restated = next((i for i, (_, e) in enumerate(enc["offset_mapping"]) if e > restated_at), None)
+    return Located(list(enc["input_ids"]), lasts[-1], tuple(lasts) if len(lasts) > 1 else (), restated)
 
 
 def fill_template(template: str, request: EditRequest) -> tuple[str, list[tuple[int, int]]]:
@@ -109,24 +116,12 @@ def fill_template(template: str, request: EditRequest) -> tuple[str, list[tuple[
 
 
 def locate_in_template(tokenizer, template: str, request: EditRequest) -> Located:
-    """The request's prompt placed in a context template (at each "{}"), with its subject located."""
+    """The request's prompt placed in a context template (at each "{}"), with its subject located (and, when the
+    template restates the prompt, where its last copy starts)."""
     text, spans = fill_template(template, request)
-    return locate_spans(tokenizer, text, spans)
-
-
-def restatement_start(tokenizer, template: str, request: EditRequest) -> int | None:
-    """Index of the first token of the prompt's last copy in a template that holds it more than once (a chat
-    context whose reply restates the prompt), or None."""
-    text, spans = fill_template(template, request)
-    if len(spans) < 2:
-        return None
-    start = spans[-1][0] - request.prompt.index("{}")  # where the last copy of the prompt's text begins
-    bos = getattr(tokenizer, "bos_token", None)
-    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
-    for i, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > start:
-            return i
-    return None
+    # where the last copy of the prompt's text begins
+    last_copy = spans[-1][0] - request.prompt.index("{}") if len(spans) > 1 else None
+    return locate_spans(tokenizer, text, spans, last_copy)
 
 
 def answer_follows_prompt(template: str) -> bool:

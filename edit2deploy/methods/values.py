@@ -35,7 +35,7 @@ from ..precision import cpu_has_fast_bf16, held_dtype, upcasts_half_linears
 from ..probes import continuation
 from ..requests import EditRequest
 from ..scoring import length_buckets, pad_batch, pad_id
-from .keys import answer_follows_prompt, locate_in_template, locate_subject, restatement_start
+from .keys import answer_follows_prompt, locate_in_template, locate_subject
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,10 @@ def build_rows(
                 loc = locate_in_template(tok, t, r)
                 cols = [len(loc.ids) - 1 + j for j in range(len(target))]
                 first = loc.occurrences[0]  # the prefix cache splits here; δ goes to every occurrence
-                restated = restatement_start(tok, t, r)
-                reply = tuple(range(restated - 1, len(loc.ids) - 1)) if restated and not is_true else ()
+                # the restated reply's positions before its answer (`reply_kl`)
+                reply = (
+                    tuple(range(loc.restated - 1, len(loc.ids) - 1)) if loc.restated and not is_true else ()
+                )
                 rows.append(
                     Row(
                         ri,
@@ -489,9 +491,8 @@ def _optimise_values(
         if not sel_all:
             break
         tok_lp, hits, tok_owner, tok_row, kl_lp, kl_owner, row_owner = [], [], [], [], [], [], []
-        reply_kl: list[list[torch.Tensor]] = [
-            [] for _ in range(n)
-        ]  # per request, one mean KL per restated row
+        # per request, one mean KL per restated row
+        reply_kl: list[list[torch.Tensor]] = [[] for _ in range(n)]
         true_lp, true_row, pos_orig = (
             [],
             [],
