@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from _common import COUNTERFACT
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from edit2deploy.models import resolve_model_dir
 
@@ -64,10 +64,10 @@ class PartialEdit:
 def chat_reply(
     model, ids: torch.Tensor, edit: PartialEdit, where, max_new_tokens: int, eos: int | None
 ) -> list[int]:
-    edit.where, edit.start, cache, cur, out = where, 0, None, ids, []
+    edit.where, edit.start, cache, cur, out = where, 0, DynamicCache(), ids, []
     for _ in range(max_new_tokens):
-        step = model(input_ids=cur, past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
+        step = model(input_ids=cur, cache=cache, use_cache=True)
+        cache = step.cache
         edit.start += cur.shape[1]
         nxt = int(step.logits[0, -1].argmax())
         if nxt == eos:
