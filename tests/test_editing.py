@@ -25,6 +25,7 @@ from edit2deploy.methods.keys import (
     locate_subject,
 )
 from edit2deploy.methods.solves import (
+    alphaedit_null_update,
     alphaedit_update,
     encore_update,
     memit_update,
@@ -252,40 +253,66 @@ def test_lambda_null_reaches_the_registered_solves():
 
     K, R, _, C, Kp = _problem(5)
     C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=6)
-    state = LayerState(KpKpT=Kp @ Kp.T, null_basis=null_space_basis(C_spec, tau=2e-2))
+    state = LayerState(D_IN, previous=[Kp], null_basis=null_space_basis(C_spec, tau=2e-2))
     P = projector(state.null_basis)
     for name in ("default", "alphaedit"):
         cfg = EditConfig(method=name, lambda_null=40.0)
         dW = METHODS[name].solve(K, R, C, state, cfg)
-        assert torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha, C, 40.0), rtol=1e-12)
+        assert torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha, C, 40.0), rtol=1e-9)
         assert not torch.allclose(dW, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-3)
-    # P C is formed once and reused by later solves of the same layer
-    cached = state.projected_covariance(C)
-    assert torch.allclose(cached, P @ C, rtol=1e-12)
-    assert state.projected_covariance(C) is cached
+    # Uᵀ C U is formed once and reused by later solves of the same layer
+    U = state.null_basis
+    cached = state.null_covariance(C)
+    assert torch.allclose(cached, U.T @ C @ U, rtol=1e-12)
+    assert state.null_covariance(C) is cached
+
+
+def test_null_coordinates_solve_is_the_papers_update():
+    """`alphaedit_null_update` (r × r system in U's coordinates) gives `alphaedit_update`'s ΔW with every term:
+    previous keys, neighbour keys, λ_∅ C and the drift D."""
+    K, R, _, C, Kp = _problem(6)
+    C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=8)
+    U = null_space_basis(C_spec, tau=2e-2)
+    P = projector(U)
+    Kn = torch.randn(D_IN, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    D = torch.randn(R.shape[0], D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    paper = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, C, 5.0, D=D, Kn=Kn)
+    ours = alphaedit_null_update(
+        K, R, U, U.T @ Kp @ Kp.T @ U, 10.0, 5.0, U_C_U=U.T @ C @ U, U_C=U.T @ C, D=D, Kn=Kn
+    )
+    assert torch.allclose(ours, paper, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ours @ P, ours, atol=1e-10)  # ΔW = ΔW P: preserved keys untouched
+    plain = alphaedit_null_update(K, R, U, torch.zeros(U.shape[1], U.shape[1]), 10.0)
+    assert torch.allclose(
+        plain, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), 10.0), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_layer_state_keeps_the_projected_previous_keys_current():
-    """The registered solve reads P Kp Kpᵀ from the layer state, which `add_keys` grows by (P K) Kᵀ: after
-    keys are added, the solve equals the formula evaluated on the grown Σ Kp Kpᵀ from scratch."""
+    """The registered solve reads Uᵀ Kp Kpᵀ U from the layer state, which `add_keys` grows by (Uᵀ K)(Uᵀ K)ᵀ:
+    after keys are added, the solve equals the formula evaluated on the grown Σ Kp Kpᵀ from scratch."""
     from edit2deploy.methods.editor import LayerState
 
     K, R, _, C, Kp = _problem(5)
     C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=6)
-    state = LayerState(
-        KpKpT=torch.zeros(D_IN, D_IN, dtype=torch.float64), null_basis=null_space_basis(C_spec, tau=2e-2)
-    )
-    P = projector(state.null_basis)
+    state = LayerState(D_IN, null_basis=null_space_basis(C_spec, tau=2e-2))
+    U = state.null_basis
+    P = projector(U)
     cfg = EditConfig()
     first = METHODS["default"].solve(K, R, C, state, cfg)
-    assert torch.allclose(first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), cfg.alpha), rtol=1e-12)
+    assert torch.allclose(first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), cfg.alpha), rtol=1e-9)
+    assert state.null_previous() is None  # no earlier batches: nothing formed
     state.add_keys(Kp[:, :3])
-    state.add_keys(Kp[:, 3:])
-    assert torch.allclose(state.KpKpT, Kp @ Kp.T, rtol=1e-12)
-    assert torch.allclose(state.projected_previous(), P @ Kp @ Kp.T, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(state.null_previous(), U.T @ Kp[:, :3] @ Kp[:, :3].T @ U, rtol=1e-10, atol=1e-12)
+    state.add_keys(Kp[:, 3:])  # grows the product formed above
+    assert torch.allclose(state.KpKpT(), Kp @ Kp.T, rtol=1e-12)
+    assert torch.allclose(state.null_previous(), U.T @ Kp @ Kp.T @ U, rtol=1e-10, atol=1e-12)
     later = METHODS["default"].solve(K, R, C, state, cfg)
-    assert torch.allclose(later, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-10)
+    assert torch.allclose(later, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-9)
     assert not torch.allclose(later, first, rtol=1e-3)
+    # a state read back from a ledger (the batches' keys) forms the same Uᵀ Kp Kpᵀ U
+    fresh = LayerState(D_IN, previous=[Kp[:, :3], Kp[:, 3:]], null_basis=U)
+    assert torch.allclose(METHODS["default"].solve(K, R, C, fresh, cfg), later, rtol=1e-10)
 
 
 def test_solves_accept_float32_inputs_and_compute_in_float64():
@@ -677,7 +704,7 @@ def test_editor_reaches_the_target_values(tiny_model_dir, family):
         W = lm.arch.get_weight(lm.model, li)
         assert torch.equal(W, w0[li] + report.deltas[li])  # the recorded delta is what was added
         assert report.deltas[li].shape == W.shape
-        assert torch.allclose(editor.state[li].KpKpT, report.keys[li] @ report.keys[li].T)
+        assert torch.allclose(editor.state[li].KpKpT(), report.keys[li] @ report.keys[li].T)
 
 
 def test_editor_default_method_preserves_the_preserved_subspace(fresh_llama):
@@ -734,7 +761,7 @@ def test_editor_batch_with_non_finite_solve_changes_nothing(fresh_llama, monkeyp
     assert len(calls) == 2
     for li in layers:
         assert torch.equal(lm.arch.get_weight(lm.model, li), before[li])
-        assert not editor.state[li].KpKpT.any()  # the failed batch's keys did not join the state
+        assert not editor.state[li].previous  # the failed batch's keys did not join the state
 
 
 def test_editor_retry_resolves_failed_edits_from_the_pre_batch_weights(tiny_model_dir):
@@ -772,7 +799,7 @@ def test_editor_retry_resolves_failed_edits_from_the_pre_batch_weights(tiny_mode
         W = lm.arch.get_weight(lm.model, li)
         assert torch.equal(W, before[li] + report.deltas[li])  # the last solve, from the pre-batch weights
         K = report.keys[li].double()
-        assert torch.allclose(editor.state[li].KpKpT, K @ K.T)  # the batch's keys counted once
+        assert torch.allclose(editor.state[li].KpKpT(), K @ K.T)  # the batch's keys counted once
 
 
 def test_neighbour_requests_ask_the_same_question_about_other_names():
@@ -821,7 +848,7 @@ def test_editor_neighbour_keys_hold_the_same_prompt_about_other_names(tiny_model
     report = editor.apply_batch(REQUESTS)
     K = report.keys[0].double()
     assert K.shape[1] == len(REQUESTS) * 3  # the requests' keys and two neighbours each
-    assert torch.allclose(editor.state[0].KpKpT, K @ K.T)
+    assert torch.allclose(editor.state[0].KpKpT(), K @ K.T)
     with pytest.raises(UsageError, match="names"):
         Editor(lm, cfg, _identity_stats(lm, layers), prefixes=PREFIXES, quiet=True)
     with pytest.raises(UsageError, match="null space"):

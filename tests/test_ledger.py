@@ -272,7 +272,7 @@ def test_second_invocation_continues_the_ledger(env, three, tmp_path):
     editor, _, _ = prepare_editor(lm1, CFG, quiet=True)
     for li in LAYERS:
         K1 = led1.batch_tensors["batch-0001"][f"keys.{li}"]
-        assert torch.equal(editor.state[li].KpKpT, K1 @ K1.T)
+        assert torch.allclose(editor.state[li].KpKpT(), K1 @ K1.T, rtol=1e-12)
         assert torch.equal(editor.state[li].null_basis, led1.method_state[f"null_basis.{li}"])
     with pytest.raises(UsageError, match="--n-tokens differs"):
         prepare_editor(lm1, CFG, n_tokens=N_TOKENS + 1, quiet=True)

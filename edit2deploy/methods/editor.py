@@ -16,6 +16,7 @@ import torch
 from .. import distributed
 from ..arch import Architecture
 from ..errors import Edit2DeployError, NonFiniteUpdateError, UsageError
+from ..memory import release_freed
 from ..models import LoadedModel
 from ..requests import EditRequest
 from .chat import chat_contexts_wanted, chat_kinds, chat_templates
@@ -24,12 +25,11 @@ from .neighbours import neighbour_requests
 from .preserved import second_moment
 from .retry import resolve_failed
 from .solves import (
-    alphaedit_update,
+    alphaedit_null_update,
     encore_update,
     memit_update,
     mixed_covariance,
     null_space_basis,
-    projector,
 )
 from .values import ValueHParams, ValueResult, shared_values
 
@@ -92,65 +92,79 @@ class EditConfig:
 
 
 def no_previous_keys(d_in: int) -> torch.Tensor:
-    """Σ Kp Kpᵀ before any batch: a d_in × d_in zero that stores one element (stride 0), so a layer without
-    previous keys holds no d_in² matrix of zeros; `LayerState.add_keys` replaces it by the first batch's K Kᵀ."""
+    """Σ Kp Kpᵀ before any batch: a d_in × d_in zero that stores one element (stride 0), so no d_in² matrix of
+    zeros is held."""
     return torch.zeros((), dtype=torch.float64).expand(d_in, d_in)
 
 
 @dataclass
 class LayerState:
-    """Method state of one edited layer, persisted next to the patched model."""
+    """Method state of one edited layer: the earlier batches' keys and the null-space basis (persisted with the
+    patched model: the keys in each batch's record, the basis as method state).
 
-    KpKpT: torch.Tensor  # Σ over earlier batches of K Kᵀ (float64; `no_previous_keys` before any)
+    Products of the keys are formed when a solve first reads them, then kept current by `add_keys`: ENCORE's
+    Σ Kp Kpᵀ (d_in × d_in), the null-space solve's Uᵀ Kp Kpᵀ U (r × r; `solves.alphaedit_null_update` needs no
+    d_in² matrix). A run of one batch forms neither."""
+
+    d_in: int
+    previous: list[torch.Tensor] = field(
+        default_factory=list
+    )  # earlier batches' keys, each (d_in, n) float64
     null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
-    _projector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # not persisted
 
-    _projected_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    _projected_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    _sandwiched_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _KpKpT: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _null_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _null_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _null_cross: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
-    def projector(self) -> torch.Tensor:
-        """P = U Uᵀ, formed once (d_in² · rank multiply-adds, as much as the solve itself)."""
-        if self._projector is None:
-            if self.null_basis is None:
-                raise ValueError("this layer has no null-space basis")
-            self._projector = projector(self.null_basis)
-        return self._projector
+    def basis(self) -> torch.Tensor:
+        if self.null_basis is None:
+            raise ValueError("this layer has no null-space basis")
+        return self.null_basis.to(torch.float64)
 
-    def projected_previous(self) -> torch.Tensor:
-        """P Kp Kpᵀ, kept up to date by `add_keys` ((P K) Kᵀ per batch instead of a d_in³ product) once there
-        are previous keys; formed from them (one d_in³ product) at the first batch that has some."""
-        if self._projected_previous is None:
-            P = self.projector()
-            self._projected_previous = P @ self.KpKpT if self.KpKpT.any() else no_previous_keys(P.shape[0])
-        return self._projected_previous
+    def KpKpT(self) -> torch.Tensor:
+        """Σ Kp Kpᵀ over the earlier batches (`no_previous_keys` before any)."""
+        if not self.previous:
+            return no_previous_keys(self.d_in)
+        if self._KpKpT is None:
+            self._KpKpT = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
+            for K in self.previous:
+                self._KpKpT.addmm_(K, K.T)
+        return self._KpKpT
 
-    def projected_covariance(self, C: torch.Tensor) -> torch.Tensor:
-        """P C for the λ_∅ term, formed once: an editor's C is fixed for the run, so later batches reuse it."""
-        if self._projected_covariance is None:
-            self._projected_covariance = self.projector() @ C.to(torch.float64)
-        return self._projected_covariance
+    def null_previous(self) -> torch.Tensor | None:
+        """Uᵀ Kp Kpᵀ U (r × r) over the earlier batches; None before any."""
+        if not self.previous:
+            return None
+        if self._null_previous is None:
+            U = self.basis()
+            UK = [U.T @ K for K in self.previous]
+            self._null_previous = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64)
+            for k in UK:
+                self._null_previous.addmm_(k, k.T)
+        return self._null_previous
 
-    def sandwiched_covariance(self, C: torch.Tensor) -> torch.Tensor:
-        """P C P for the λ_∅ term (= P C when P is C's own eigenprojector, not with preserved facts)."""
-        if self._sandwiched_covariance is None:
-            self._sandwiched_covariance = self.projected_covariance(C) @ self.projector()
-        return self._sandwiched_covariance
+    def null_covariance(self, C: torch.Tensor) -> torch.Tensor:
+        """Uᵀ C U for the λ_∅ term, formed once: an editor's C is fixed for the run, so later batches reuse it."""
+        if self._null_covariance is None:
+            self._null_covariance = self.null_cross(C) @ self.basis()
+        return self._null_covariance
+
+    def null_cross(self, C: torch.Tensor) -> torch.Tensor:
+        """Uᵀ C (r × d_in), for the drift term and Uᵀ C U; formed once."""
+        if self._null_cross is None:
+            self._null_cross = self.basis().T @ C.to(torch.float64)
+        return self._null_cross
 
     def add_keys(self, K: torch.Tensor) -> None:
-        """An applied batch's keys join Σ Kp Kpᵀ."""
+        """An applied batch's keys join the earlier batches' (and the products formed so far)."""
         K = K.to(torch.float64)
-        KKt = K @ K.T
-        # in place, or the first batch's K Kᵀ itself in place of a stored-once zero (`no_previous_keys`)
-        self.KpKpT = KKt if self.KpKpT.stride() == (0, 0) else self.KpKpT.add_(KKt)
-        if self._projected_previous is None:
-            return
-        if self._projected_previous.stride() == (0, 0):
-            # the first keys: P Kp Kpᵀ is formed when a later batch reads it, so a run of one batch never
-            # holds that d_in² matrix beside Σ Kp Kpᵀ
-            self._projected_previous = None
-        else:
-            self._projected_previous += (self.projector() @ K) @ K.T
+        self.previous.append(K)
+        if self._KpKpT is not None:
+            self._KpKpT.addmm_(K, K.T)
+        if self._null_previous is not None:
+            UK = self.basis().T @ K
+            self._null_previous.addmm_(UK, UK.T)
 
 
 @dataclass(frozen=True)
@@ -171,23 +185,23 @@ def _memit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> 
 
 
 def _encore(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
-    return encore_update(K, R, C, state.KpKpT, cfg.lambda_p, cfg.lambda_n, Kn)
+    return encore_update(K, R, C, state.KpKpT(), cfg.lambda_p, cfg.lambda_n, Kn)
 
 
 def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
-    return alphaedit_update(
+    # `alphaedit_update`'s ΔW, solved in the null space's coordinates (no d_in² projector or system)
+    drifted = cfg.lambda_null and cfg.null_drift and drift is not None
+    return alphaedit_null_update(
         K,
         R,
-        state.projector(),
-        state.KpKpT,
+        state.basis(),
+        state.null_previous(),
         cfg.alpha,
-        C,
         cfg.lambda_null,
-        P_KpKpT=state.projected_previous(),
-        P_C=state.projected_covariance(C) if cfg.lambda_null else None,
-        D=drift if cfg.null_drift else None,
+        U_C_U=state.null_covariance(C) if cfg.lambda_null else None,
+        U_C=state.null_cross(C) if drifted else None,
+        D=drift if drifted else None,
         Kn=Kn,
-        P_C_P=state.sandwiched_covariance(C) if cfg.lambda_null else None,
     )
 
 
@@ -259,7 +273,10 @@ def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int, has_chat_
 
 
 class Editor:
-    """Applies batches of requests to a loaded model, keeping method state between batches."""
+    """Applies batches of requests to a loaded model, keeping method state between batches.
+
+    `stats` (C per layer) is taken over: with a method whose solves read no C once the null space is built (the
+    default method, AlphaEdit), each layer's C is removed from it after its basis, so one is held at a time."""
 
     def __init__(
         self,
@@ -318,8 +335,7 @@ class Editor:
         self.state = state or {}
         for li in self.layers:
             if li not in self.state:
-                d_in = stats[li].shape[0]
-                self.state[li] = LayerState(KpKpT=no_previous_keys(d_in))
+                self.state[li] = LayerState(d_in=stats[li].shape[0])
             # under torchrun only rank 0 solves (`solve`), so only it needs the basis (an eigendecomposition)
             if self.spec.uses_projector and self.state[li].null_basis is None and distributed.is_main():
                 # preserved facts (`preserved`: their keys per layer) count once, here: the basis is kept with
@@ -329,6 +345,11 @@ class Editor:
                 if preserved and li in preserved:
                     kept = mixed_covariance(stats[li], second_moment(preserved[li]), cfg.preserve_weight)
                 self.state[li].null_basis = null_space_basis(kept, cfg.tau, cfg.tau_relative)
+                del kept
+            if not uses_C:
+                # the editor takes `stats` over: where no solve reads C, each layer's leaves it once its basis is
+                # built, so the caller's references go too and one C at a time is held past this point
+                stats.pop(li)
         # W0 of each edited layer (stored layout) for `null_drift`: the caller's (an earlier run's originals),
         # else the weights as they are now (nothing drifted yet).
         self.base: dict[int, torch.Tensor] = {}
@@ -376,7 +397,11 @@ class Editor:
                 self.lm.arch.get_weight(self.lm.model, li).copy_(w)
 
     def solve(
-        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+        self,
+        requests: Sequence[EditRequest],
+        delta: torch.Tensor,
+        timings: dict[str, float],
+        originals: dict[int, torch.Tensor] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Spread z = h + δ over the edited layers (docs/method.md, steps 3-4) and apply; all or nothing.
         Returns ΔW as applied (stored layout) and the keys, per layer.
@@ -384,11 +409,11 @@ class Editor:
         Under torchrun rank 0 alone solves and broadcasts ΔW and the keys (or its error); every other rank adds
         the same ΔW to the same weights, so all ranks hold identical weights and method state afterwards."""
         if distributed.world_size() == 1:
-            return self._solve(requests, delta, timings)
+            return self._solve(requests, delta, timings, originals)
         result: object = None
         if distributed.is_main():
             try:
-                result = self._solve(requests, delta, timings)
+                result = self._solve(requests, delta, timings, originals)
             except Exception as exc:
                 # the others must not wait for a ΔW that never comes: they raise it too (ours as it is, anything
                 # else as a plain error, since it need not pickle)
@@ -407,10 +432,15 @@ class Editor:
         return deltas, keys
 
     def _solve(
-        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+        self,
+        requests: Sequence[EditRequest],
+        delta: torch.Tensor,
+        timings: dict[str, float],
+        originals: dict[int, torch.Tensor] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         lm, arch, cfg = self.lm, self.lm.arch, self.cfg
-        originals = self.weights()
+        # the weights as they are now, to restore on failure (the caller's copy when it holds one)
+        originals = originals if originals is not None else self.weights()
         deltas: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
         passes = KeyPasses(
@@ -470,7 +500,7 @@ class Editor:
         Kn = Kn.to(torch.float64)
         mixed = mixed_covariance(self.C[li], Kn @ Kn.T / Kn.shape[1], self.cfg.neighbour_weight)
         basis = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative)
-        return LayerState(KpKpT=self.state[li].KpKpT, null_basis=basis)
+        return LayerState(self.state[li].d_in, previous=self.state[li].previous, null_basis=basis)
 
     def _neighbour_passes(self, requests: Sequence[EditRequest]) -> tuple[KeyPasses, float] | None:
         """Key passes over the requests' neighbours and the scale of their keys (√(weight / neighbours per
@@ -489,14 +519,21 @@ class Editor:
         for li in self.layers:
             self.state[li].add_keys(keys[li])
 
-    def apply_batch(self, requests: Sequence[EditRequest], harden: Hardener | None = None) -> BatchReport:
+    def apply_batch(
+        self,
+        requests: Sequence[EditRequest],
+        harden: Hardener | None = None,
+        originals: dict[int, torch.Tensor] | None = None,
+    ) -> BatchReport:
         """Optimise, solve and apply one batch; with `harden`, re-solve facts predicted not to survive."""
         timings = {"keys": 0.0, "z": 0.0, "solve": 0.0}
         t0 = time.perf_counter()
         values = self.optimise(requests)
+        release_freed()  # the optimisation's activations, before the solves' matrices
         timings["z"] = time.perf_counter() - t0
-        originals = self.weights()
-        deltas, keys = self.solve(requests, values.delta, timings)
+        # the caller's copy of the edited layers' weights, when it holds one (as they are now: unchanged by `optimise`)
+        originals = originals if originals is not None else self.weights()
+        deltas, keys = self.solve(requests, values.delta, timings, originals)
         retry = None
         if self.cfg.retry_rounds:
             t = time.perf_counter()

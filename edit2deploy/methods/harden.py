@@ -150,7 +150,7 @@ class Hardener:
                     extra_steps[ids[ri]] = vr.steps[j]
             saved = (editor.weights(), deltas, keys)
             editor.restore(originals)
-            deltas, keys = editor.solve(requests, delta, timings)
+            deltas, keys = editor.solve(requests, delta, timings, originals)
             new = self._evaluate(editor, probes)
             drop = new.neighbourhood_drop(first)
             entry = {

@@ -39,7 +39,11 @@ class BatchEditor(Protocol):
     def restore(self, originals: dict[int, torch.Tensor]) -> None: ...
 
     def solve(
-        self, requests: Sequence[EditRequest], delta: torch.Tensor, timings: dict[str, float]
+        self,
+        requests: Sequence[EditRequest],
+        delta: torch.Tensor,
+        timings: dict[str, float],
+        originals: dict[int, torch.Tensor] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]: ...
 
 
@@ -84,7 +88,7 @@ def resolve_failed(
         for j, ri in enumerate(failing):
             delta[:, ri] += extra.delta[:, j].to(delta.dtype)
         editor.restore(originals)
-        deltas, keys = editor.solve(requests, delta, {})  # its time is the caller's "retry" phase
+        deltas, keys = editor.solve(requests, delta, {}, originals)  # its time is the caller's "retry" phase
         record["rounds"].append({"retried": [ids[i] for i in failing], "steps": extra.steps})
         failing = failed_edits(editor, requests)
     record["failed"] = [ids[i] for i in failing]

@@ -1,7 +1,8 @@
 """Closed-form weight updates, one function per equation (docs/method.md, step 4).
 
 Shapes: K (d_in, n) keys of this batch, R (d_out, n) residuals, C (d_in, d_in) = E[k kᵀ],
-KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector,
+KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector, U (d_in, r) its
+orthonormal basis (P = U Uᵀ),
 Kn (d_in, m) keys of this batch's prompts asked about other names (neighbours.py), held like previous keys:
 ‖ΔW Kn‖² joins the objective, so the same questions about other subjects keep their answers.
 All arithmetic in float64 with `torch.linalg.solve`; no explicit inverse is formed.
@@ -107,19 +108,64 @@ def alphaedit_update(
     return torch.linalg.solve(A, B).T
 
 
+def alphaedit_null_update(
+    K: torch.Tensor,
+    R: torch.Tensor,
+    U: torch.Tensor,
+    U_KpKpT_U: torch.Tensor | None,
+    alpha: float,
+    lambda_null: float = 0.0,
+    U_C_U: torch.Tensor | None = None,
+    U_C: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    Kn: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`alphaedit_update` in the null space's own coordinates:
+
+        ΔW = R Kᵀ U (Uᵀ (Kp Kpᵀ + Kn Knᵀ + K Kᵀ + λ_∅ C) U + α I_r)⁻¹ Uᵀ
+
+    The same ΔW: with ΔW = X Uᵀ (every update with ΔW = ΔW P is one), the objective is a ridge regression in X, and
+    U times its solution solves `alphaedit_update`'s system (P U = U). It needs no d_in² matrix (neither P nor a
+    d_in × d_in system): an r × r one, r = rank of P, with the earlier batches' keys as `U_KpKpT_U` = Uᵀ Kp Kpᵀ U
+    (None: there are none).
+    With λ_∅: `U_C_U` = Uᵀ C U, and `U_C` = Uᵀ C (r, d_in) for the drift `D` (the right side less λ_∅ Uᵀ C Dᵀ).
+    """
+    kill_point("solve")
+    K, R, U = _f64(K, R, U)
+    UK = U.T @ K  # (r, n)
+    # A is summed in place: one r² matrix besides the solve's own LU copy
+    A = UK @ UK.T
+    A.diagonal().add_(alpha)
+    if Kn is not None and Kn.numel():
+        UKn = U.T @ Kn.to(torch.float64)
+        A += UKn @ UKn.T
+    if U_KpKpT_U is not None:  # None: no earlier batches
+        A += U_KpKpT_U.to(torch.float64)
+    B = UK @ R.T  # (r, d_out)
+    if lambda_null:
+        if U_C_U is None:
+            raise ValueError("lambda_null needs Uᵀ C U")
+        A += lambda_null * U_C_U.to(torch.float64)
+        if D is not None:
+            if U_C is None:
+                raise ValueError("the drift term needs Uᵀ C")
+            B = B - lambda_null * (U_C.to(torch.float64) @ D.to(torch.float64).T)
+    return (U @ torch.linalg.solve(A, B)).T
+
+
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
     """Eigenvectors of C whose eigenvalue is < τ · λ_max (`relative`) or < τ (AlphaEdit's released code):
     the directions preserved knowledge barely uses."""
     evals, evecs = torch.linalg.eigh(C.to(torch.float64))
     keep = (evals / evals.max() if relative else evals) < tau
-    return evecs[:, keep]
+    # eigenvalues ascend, so the kept ones come first: a slice, not a d_in × r copy beside the eigenvectors
+    return evecs[:, : int(keep.sum())]
 
 
 def mixed_covariance(C: torch.Tensor, Cx: torch.Tensor, weight: float) -> torch.Tensor:
     """C + w·(tr C / tr Cx)·Cx: extra keys' second moment Cx at `weight` times C's scale, for the null space."""
     C, Cx = _f64(C, Cx)
-    mixed = weight * float(C.trace() / Cx.trace().clamp_min(1e-30)) * Cx
-    return mixed.add_(C)  # = C + w·s·Cx, without a second d_in² matrix
+    return torch.add(C, Cx, alpha=weight * float(C.trace() / Cx.trace().clamp_min(1e-30)))  # one d_in² result
 
 
 def projector(U: torch.Tensor) -> torch.Tensor:

@@ -478,6 +478,9 @@ def _optimise_values(
     converged = [False] * n
     bar = tqdm(total=n, desc="z-optimisation", unit="req", disable=quiet)
     batch.prepare(h_init)
+    reply_rows = [0] * n  # each request's rows with a restated reply (its reply KL is their mean)
+    for r in rows:
+        reply_rows[r.owner] += bool(r.reply_cols)
 
     for step in range(hp.max_steps + 1):
         if hp.mpes:
@@ -490,9 +493,15 @@ def _optimise_values(
         sel_all = [i for i, r in enumerate(rows) if active[r.owner]]
         if not sel_all:
             break
-        tok_lp, hits, tok_owner, tok_row, kl_lp, kl_owner, row_owner = [], [], [], [], [], [], []
-        # per request, one mean KL per restated row
-        reply_kl: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        opt.zero_grad()
+        # Every loss term is a per-request sum over rows with counts fixed before the step (a row's mean NLL over
+        # the contexts, its KL row, its restated rows' mean KL), so each length bucket is backpropagated as soon
+        # as it is scored and its activations freed: a step holds one bucket's graph, not every bucket's, for
+        # the same gradient up to float rounding. Margins (hardening) pair a context's new and true rows, which
+        # may sit in different buckets: with them the step's graph is kept whole and backpropagated once.
+        per_bucket = not use_margin
+        loss = torch.zeros(n, device=device)
+        tok_lp, hits, tok_owner, tok_row, row_owner = [], [], [], [], []
         true_lp, true_row, pos_orig = (
             [],
             [],
@@ -504,7 +513,7 @@ def _optimise_values(
             with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                 hidden = batch.forward(sel, delta)
             g_row, g_col, g_tgt, g_true = [], [], [], []
-            kl_rows, kl_cols = [], []
+            kl_rows, kl_cols, kl_owner, b_tok_row = [], [], [], []
             for j, i in enumerate(sel):
                 r = rows[i]
                 row_owner.append(r.owner)
@@ -523,7 +532,7 @@ def _optimise_values(
                     else:
                         tok_owner.append(r.owner)
                         tok_row.append(n_rows + j)
-            n_rows += len(sel)
+                        b_tok_row.append(j)
             # Only the scored positions go through the model's own head.
             with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                 logits = head_logits(model, hidden[g_row, g_col])
@@ -531,13 +540,26 @@ def _optimise_values(
             tgt = torch.tensor(g_tgt, device=device)
             is_true = torch.tensor(g_true, dtype=torch.bool, device=device)
             lp = logp.gather(-1, tgt[:, None])[:, 0]
-            tok_lp.append(lp[~is_true])
             hits.append((logp.argmax(-1) == tgt)[~is_true])
-            true_lp.append(lp[is_true])
+            # KL rows contribute no target tokens, so the NLL mean runs over the context rows only.
+            part = nll_loss(
+                lp[~is_true],
+                torch.tensor(b_tok_row, device=device, dtype=torch.long),
+                torch.tensor(row_owner[n_rows:], device=device),
+                n,
+                len(templates),
+            )
             if kl_rows:
                 with torch.autocast(device.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
                     logits = head_logits(model, hidden[kl_rows, kl_cols])
-                kl_lp.append(F.log_softmax(logits.float(), -1))
+                kl_lp = F.log_softmax(logits.float(), -1)
+                owners = torch.tensor(kl_owner, device=device)
+                if kl_init is None:
+                    kl_init = torch.zeros(n, kl_lp.shape[-1], device=device)
+                if step == 0:  # every request is active at the first step: δ = 0, the unedited distributions
+                    kl_init[owners] = kl_lp.detach()
+                kl = torch.zeros(n, device=device).index_add(0, owners, kl_divergence(kl_lp, kl_init[owners]))
+                part = part + hp.kl_factor * kl
             if hp.reply_kl > 0:
                 for j, i in enumerate(sel):
                     cols = rows[i].reply_cols
@@ -549,28 +571,19 @@ def _optimise_values(
                     cur = F.log_softmax(logits.float(), -1)
                     if i not in reply_init:  # first step: δ = 0, the unedited model's distributions
                         reply_init[i] = cur.detach()
-                    reply_kl[rows[i].owner].append(kl_divergence(cur, reply_init[i]).mean())
-        tok_lp_t, hit_t = torch.cat(tok_lp), torch.cat(hits)
-        kl_lp_t = torch.cat(kl_lp)
-        kl_owner_t = torch.tensor(kl_owner, device=device)
-        if kl_init is None:
-            kl_init = torch.zeros(n, kl_lp_t.shape[-1], device=device)
-            kl_init[kl_owner_t] = kl_lp_t.detach()
-        # KL rows contribute no target tokens, so the NLL mean runs over the context rows only.
-        nll = nll_loss(
-            tok_lp_t,
-            torch.tensor(tok_row, device=device),
-            torch.tensor(row_owner, device=device),
-            n,
-            len(templates),
-        )
-        kl = torch.zeros(n, device=device).index_add(
-            0, kl_owner_t, kl_divergence(kl_lp_t, kl_init[kl_owner_t])
-        )
-        loss = nll + hp.kl_factor * kl + weight_decay(delta, h_init, hp.weight_decay)
-        if hp.reply_kl > 0:
-            zero = torch.zeros((), device=device)
-            loss = loss + hp.reply_kl * torch.stack([torch.stack(k).mean() if k else zero for k in reply_kl])
+                    o = rows[i].owner  # the mean over the request's restated rows
+                    one = torch.zeros(n, device=device)
+                    one[o] = kl_divergence(cur, reply_init[i]).mean() / reply_rows[o]
+                    part = part + hp.reply_kl * one
+            if per_bucket:
+                part.sum().backward()  # frees this bucket's graph
+                part, lp = part.detach(), lp.detach()
+            tok_lp.append(lp[~is_true])
+            true_lp.append(lp[is_true])
+            loss = loss + part
+            n_rows += len(sel)
+        hit_t = torch.cat(hits)
+        loss = loss + weight_decay(delta, h_init, hp.weight_decay)
 
         all_hit = [True] * n
         for o, h in zip(tok_owner, hit_t.tolist()):
@@ -613,8 +626,8 @@ def _optimise_values(
         if not live.any():
             break
         frozen = delta.detach()[~live].clone()
-        opt.zero_grad()
-        loss[live].sum().backward()
+        loss.sum().backward()  # what is not backpropagated yet: weight decay, and the buckets with margins
+        delta.grad[~live] = 0  # a finished request's own loss terms reach its δ row only
         opt.step()
         with torch.no_grad():
             delta[~live] = frozen  # Adam's momentum must not move finished requests

@@ -56,26 +56,23 @@ class EditRun:
 
 
 def _state_from_ledger(ledger: Ledger, layers) -> dict[int, LayerState]:
-    """Method state of each layer: Σ Kp Kpᵀ over the active batches' stored keys, and the null basis."""
+    """Method state of each layer: the active batches' stored keys, and the null basis."""
     out = {}
     for li in layers:
         keys = [
-            ledger.batch_tensors[b][f"keys.{li}"]
+            ledger.batch_tensors[b][f"keys.{li}"].to(torch.float64)
             for b in ledger.active_batches
             if f"keys.{li}" in ledger.batch_tensors[b]
         ]
         basis = ledger.method_state.get(f"null_basis.{li}")
         if keys or basis is not None:
             d_in = keys[0].shape[0] if keys else basis.shape[0]
-            kp = torch.zeros(d_in, d_in, dtype=torch.float64)
-            for K in keys:
-                kp += K @ K.T
-            out[li] = LayerState(KpKpT=kp, null_basis=basis)
+            out[li] = LayerState(d_in, previous=keys, null_basis=basis)
     return out
 
 
 def _state_into_ledger(ledger: Ledger, state: dict[int, LayerState]) -> None:
-    # Σ Kp Kpᵀ is not stored: the batches' keys are, and rollback only has to drop a batch.
+    # The previous keys are not stored here: each batch's record holds its own, and rollback only has to drop a batch.
     for li, st in state.items():
         if st.null_basis is not None:
             ledger.method_state[f"null_basis.{li}"] = st.null_basis
@@ -167,10 +164,12 @@ def prepare_editor(
         _preserved_keys(lm, ledger, unbuilt, preserved, named, cfg, quiet) if preserved or named else None
     )
     stats_seconds = time.perf_counter() - t
+    covariances = {li: s.C for li, s in stats.items()}
+    del stats  # the editor holds the only references to C, and drops each once no solve needs it
     editor = Editor(
         lm,
         cfg,
-        {li: s.C for li, s in stats.items()},
+        covariances,
         ledger.state["prefixes"],
         state=state,
         quiet=quiet,
@@ -244,7 +243,7 @@ def apply_requests(
         kill_point("z-optimisation")  # apply_batch starts with the batch's keys and target values
         try:
             with run.memory.stage(batch_id):
-                report = editor.apply_batch(chunk, harden=harden)
+                report = editor.apply_batch(chunk, harden=harden, originals=before)
         except NonFiniteUpdateError as exc:
             run.failed = {"batch": batch_id, "error": str(exc), "requests": [r.id for r in chunk]}
             ledger.add_event({"type": "failed_batch", **run.failed})
