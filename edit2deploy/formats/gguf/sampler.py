@@ -49,10 +49,18 @@ def top_k_draw(logits: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     return top[np.arange(len(top)), pick]
 
 
-class _Decoder:
+class StreamDecoder:
     """A llama.cpp model and context holding `streams` sequences, each in its own KV cache stream."""
 
-    def __init__(self, path: Path, streams: int, n_ctx_per_stream: int, threads: int):
+    def __init__(
+        self,
+        path: Path,
+        streams: int,
+        n_ctx_per_stream: int,
+        threads: int,
+        kv_type: int | None = None,
+        flash_attn: bool | None = None,
+    ):
         self.lc = require_llama_cpp().llama_cpp
         lc = self.lc
         lc.llama_backend_init()
@@ -63,7 +71,8 @@ class _Decoder:
             self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
-        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         cp = lc.llama_context_default_params()
         cp.n_ctx = streams * n_ctx_per_stream
         cp.n_seq_max = streams
@@ -71,6 +80,11 @@ class _Decoder:
         cp.n_batch = cp.n_ubatch = max(512, streams)
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
+        if kv_type is not None:  # a GGML type id (llama.cpp's default is F16)
+            cp.type_k = cp.type_v = kv_type
+        if flash_attn is not None:  # None: llama.cpp's choice (on where the backend has it)
+            fa = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.flash_attn_type = fa
         with captured_stderr():
             self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -108,6 +122,28 @@ class _Decoder:
         return np.concatenate(out) if out else np.empty((0, self.n_vocab), np.float32)
 
 
+def greedy_rows(dec: StreamDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy (argmax) continuation ids of each prompt, all decoded together in `dec` (one stream per prompt, at
+    most as many prompts as it has streams); a row ends at an end-of-generation token (not kept) or its length."""
+    lc = dec.lc
+    dec.clear()
+    logits = dec.decode([(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
+    out: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # the rows still generating, in the order of `logits`
+    while live and max_new_tokens:
+        going = []
+        for s, t in zip(live, np.argmax(logits, axis=1).tolist(), strict=True):
+            if lc.llama_vocab_is_eog(dec.vocab, t):
+                continue
+            out[s].append(t)
+            if len(out[s]) < max_new_tokens:
+                going.append(s)
+        live = going
+        if live:
+            logits = dec.decode([(out[s][-1], len(prompts[s]) + len(out[s]) - 1, s, True) for s in live])
+    return out
+
+
 def sample_rows(
     path: Path | str,
     prompts: Sequence[Sequence[int]],
@@ -121,7 +157,7 @@ def sample_rows(
     rng = np.random.default_rng(seed)
     streams = max(1, min(streams, len(prompts)))
     longest = max((len(p) for p in prompts), default=0)
-    dec = _Decoder(Path(path), streams, longest + new_tokens + 1, threads or all_threads())
+    dec = StreamDecoder(Path(path), streams, longest + new_tokens + 1, threads or all_threads())
     rows: list[list[int]] = []
     bar = tqdm(total=len(prompts) * new_tokens, desc="generating corpus", unit="tok", disable=quiet)
     try:

@@ -237,16 +237,70 @@ class LlamaCppScorer:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def complete(self, prompt: str, max_new_tokens: int) -> str:
-        """Greedy plain-text continuation of `prompt` (with the GGUF's BOS rule, as scored)."""
-        ids = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
-        return self.detokenize(self.greedy(ids, max_new_tokens))
+        return self.complete_many([prompt], max_new_tokens)[0]
 
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 48) -> str | None:
-        """Greedy chat completion with the GGUF's own chat template (`tokenizer.chat_template`); None without one."""
-        if not self.llm.metadata.get("tokenizer.chat_template"):
-            return None
-        self._ensure_ctx(256 + max_new_tokens)
-        res = self._llm.create_chat_completion(
-            messages=messages, max_tokens=max_new_tokens, temperature=0.0, seed=0
+        return self.chat_many([messages], max_new_tokens)[0]
+
+    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy plain-text continuations (each prompt with the GGUF's BOS rule, as scored)."""
+        ids = [self._llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in prompts]
+        return [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens)]
+
+    def chat_many(
+        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int = 48
+    ) -> list[str | None]:
+        """Greedy replies through the GGUF's own chat template (`tokenizer.chat_template`, rendered and tokenized as
+        llama-cpp-python's chat completion does); None without one."""
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return [None] * len(conversations)
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        meta, model = self._llm.metadata, self._llm._model
+        eos_id = int(meta.get("tokenizer.ggml.eos_token_id", self._llm.token_eos()))
+        bos_id = int(meta.get("tokenizer.ggml.bos_token_id", self._llm.token_bos()))
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
         )
-        return res["choices"][0]["message"]["content"] or ""
+        ids, stops = [], []
+        for messages in conversations:
+            res = formatter(messages=messages)
+            ids.append(
+                self._llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
+            )
+            stops.append(
+                [] if res.stop is None else [res.stop] if isinstance(res.stop, str) else list(res.stop)
+            )
+        texts = [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens)]
+        return [_cut_at(text, stop) for text, stop in zip(texts, stops, strict=True)]
+
+    def _greedy_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation ids of many prompts, decoded together: one KV stream per prompt in a context of its
+        own on the same GGUF, so each step evaluates every unfinished row in one batch rather than one row at a
+        time (the KV cache in this scorer's type)."""
+        from .sampler import MAX_STREAMS, StreamDecoder, greedy_rows
+
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), MAX_STREAMS):
+            part = [list(p) for p in prompts[start : start + MAX_STREAMS]]
+            n_ctx = max(len(p) for p in part) + max_new_tokens + 1
+            threads = self.n_threads or default_threads()
+            # as this scorer's own context computes (`Llama` turns flash attention off unless asked)
+            dec = StreamDecoder(
+                self.path, len(part), n_ctx, threads, kv_type=KV_TYPES[self.kv_type], flash_attn=False
+            )
+            try:
+                out.extend(greedy_rows(dec, part, max_new_tokens))
+            finally:
+                dec.close()
+        return out
+
+
+def _cut_at(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings it holds (as llama-cpp-python's completion cuts it)."""
+    cuts = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text
