@@ -4,7 +4,9 @@ The benchmark makes its own models: Llama architecture, SmolLM2's tokenizer, ran
 bf16. For each size and each weights precision it runs, in a fresh process so each peak is that run's own,
 `edit2deploy.run` with statistics on WikiText-2 (`--n-tokens`), `--n` CounterFact edits in one batch, a GGUF Q4_K_M
 export and its verification in llama.cpp (no paired baseline, no generated-text probes: the chain's memory is under
-test, not the quality of edits to a random model). Peak resident memory per stage comes from the run's report.
+test, not the quality of edits to a random model). Each run has a cache of its own (`EDIT2DEPLOY_CACHE`), so its
+statistics and scores are computed in it. Peak resident memory per stage comes from the run's report; the edit
+stage's is the largest of its ledger's (load, statistics, batch), also shown apart.
 
     cd benchmarks && python memory.py                                  # 0.5B and 1.5B, float32 and bf16
     cd benchmarks && python memory.py --sizes 0.5b --n-tokens 5000     # a quicker look
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +95,13 @@ def one_run(model: Path, dtype: str, out: Path, n: int, n_tokens: int) -> dict:
         quiet=True,
     )
     doc = json.loads(res.reports["json"].read_text())
-    return {"seconds": time.perf_counter() - t, "timings": doc["timings"], "memory": doc["memory"]}
+    ledger = next((r["peak_rss_mib"] for r in res.ledger_records if "peak_rss_mib" in r), {})
+    return {
+        "seconds": time.perf_counter() - t,
+        "timings": doc["timings"],
+        "memory": doc["memory"],
+        "ledger": ledger,
+    }
 
 
 def _gib(mib: float) -> str:
@@ -139,7 +149,11 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [sys.executable, __file__, "--n", str(args.n), "--n-tokens", str(args.n_tokens), "--child",
                        str(model), dtype, str(out)]  # fmt: skip
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                with (
+                    tempfile.TemporaryDirectory() as cache
+                ):  # statistics and scores computed in the run itself
+                    env = {**os.environ, "EDIT2DEPLOY_CACHE": cache}
+                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{size} {dtype} failed:\n{proc.stderr[-3000:]}")
                 r = {
@@ -153,14 +167,16 @@ def main() -> None:
             doc["runs"][f"{size}-{dtype}"] = {**r, "checkpoint_mib": ckpt_mib, "target_mib": target}
             rows.append(
                 [size, "float32 (before)" if dtype == "float32" else f"{dtype} (bf16 checkpoint)",
-                 _gib(ckpt_mib), *(_gib(stages.get(k, 0)) for k in ("edit", "export gguf:Q4_K_M", "reference",
+                 _gib(ckpt_mib), *(_gib(r.get("ledger", {}).get(k, 0)) for k in ("statistics", "batch")),
+                 *(_gib(stages.get(k, 0)) for k in ("edit", "export gguf:Q4_K_M", "reference",
                  "verify gguf:Q4_K_M")), _gib(peaks[dtype]), _gib(target),
                  "-" if dtype == "float32" or "float32" not in peaks else f"{peaks[dtype] / peaks['float32']:.2f}",
                  f"{r['timings'].get('edit', 0):.0f}", f"{r['seconds']:.0f}"]
             )  # fmt: skip
     print(f"\n{args.n} edits, statistics on {args.n_tokens:,} tokens, GGUF Q4_K_M; {machine()}")
     print_table(
-        ["model", "weights", "checkpoint GiB", "edit GiB", "export GiB", "reference GiB", "verify GiB",
+        ["model", "weights", "checkpoint GiB", "statistics GiB", "batch GiB", "edit GiB", "export GiB",
+         "reference GiB", "verify GiB",
          "peak GiB", "target GiB", "peak / float32", "edit s", "total s"],
         rows,
     )  # fmt: skip

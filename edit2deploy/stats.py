@@ -413,7 +413,8 @@ def collect_key_stats(
     )
     # exact: token counts are far below 2**53
     counts = {li: int(c) for li, c in zip(layers, n.tolist(), strict=True)}
-    return {li: KeyStats(li, (acc[li] / counts[li]).cpu(), counts[li]) for li in layers}
+    # in place: each layer's sums become its means, so no second d_in² matrix per layer exists
+    return {li: KeyStats(li, acc.pop(li).div_(counts[li]).cpu(), counts[li]) for li in layers}
 
 
 # ------------------------------------------------------------------ cache
