@@ -376,12 +376,21 @@ def collect_key_stats(
     }
     counts = dict.fromkeys(layers, 0)
     last = max(layers)
+    # One float32 product per size and device, shared by the layers (their hooks run one after another) and reused
+    # for every sequence: the sum reads it in place (float32 → float64 per element, the same values as adding a
+    # float64 copy) instead of a fresh d_in² float32 and float64 pair per call.
+    shared: dict[tuple[int, torch.device], torch.Tensor] = {}
+    for li in layers:
+        key = (d_in[li], acc[li].device)
+        if key not in shared:
+            shared[key] = torch.empty(d_in[li], d_in[li], dtype=torch.float32, device=acc[li].device)
+    products = {li: shared[(d_in[li], acc[li].device)] for li in layers}
 
     def hook_for(layer: int):
         def hook(_module, inputs):
             k = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             # One sequence (<= 1,024 tokens) per product in float32; the running sum over the corpus is float64.
-            acc[layer] += (k.T @ k).double()
+            acc[layer] += torch.matmul(k.T, k, out=products[layer])
             counts[layer] += k.shape[0]
             if layer == last:
                 raise StopForward  # layers above the last edited one do not matter

@@ -158,8 +158,10 @@ def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torc
     the directions preserved knowledge barely uses."""
     evals, evecs = torch.linalg.eigh(C.to(torch.float64))
     keep = (evals / evals.max() if relative else evals) < tau
-    # eigenvalues ascend, so the kept ones come first: a slice, not a d_in × r copy beside the eigenvectors
-    return evecs[:, : int(keep.sum())]
+    # eigenvalues ascend, so the kept ones come first; copied out (after the decomposition's workspace is freed, so
+    # not at its peak) unless they are all of them, so the other d_in − r eigenvectors are not held with the basis
+    k = int(keep.sum())
+    return evecs if k == evecs.shape[1] else evecs[:, :k].clone()
 
 
 def mixed_covariance(C: torch.Tensor, Cx: torch.Tensor, weight: float) -> torch.Tensor:
