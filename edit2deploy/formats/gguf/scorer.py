@@ -25,6 +25,7 @@ import numpy as np
 from edit2deploy.errors import UsageError
 from edit2deploy.scoring import Scored
 
+from .decoder import MAX_STREAMS, StreamDecoder, greedy_rows
 from .quant import captured_stderr, require_llama_cpp
 
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
@@ -282,8 +283,6 @@ class LlamaCppScorer:
         """Greedy continuation ids of many prompts, decoded together: one KV stream per prompt in a context of its
         own on the same GGUF, so each step evaluates every unfinished row in one batch rather than one row at a
         time (the KV cache in this scorer's type)."""
-        from .sampler import MAX_STREAMS, StreamDecoder, greedy_rows
-
         out: list[list[int]] = []
         for start in range(0, len(prompts), MAX_STREAMS):
             part = [list(p) for p in prompts[start : start + MAX_STREAMS]]
