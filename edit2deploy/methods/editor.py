@@ -7,7 +7,7 @@ batch touched is restored before the error propagates.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -97,6 +97,14 @@ def no_previous_keys(d_in: int) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float64).expand(d_in, d_in)
 
 
+def sum_of_products(keys: Iterable[torch.Tensor], size: int) -> torch.Tensor:
+    """Σ K Kᵀ (size × size, float64) over `keys`, summed in place."""
+    out = torch.zeros(size, size, dtype=torch.float64)
+    for K in keys:
+        out.addmm_(K, K.T)
+    return out
+
+
 @dataclass
 class LayerState:
     """Method state of one edited layer: the earlier batches' keys and the null-space basis (persisted with the
@@ -107,9 +115,8 @@ class LayerState:
     d_in² matrix). A run of one batch forms neither."""
 
     d_in: int
-    previous: list[torch.Tensor] = field(
-        default_factory=list
-    )  # earlier batches' keys, each (d_in, n) float64
+    # earlier batches' keys, each (d_in, n) float64
+    previous: list[torch.Tensor] = field(default_factory=list)
     null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
 
     _KpKpT: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -127,9 +134,7 @@ class LayerState:
         if not self.previous:
             return no_previous_keys(self.d_in)
         if self._KpKpT is None:
-            self._KpKpT = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
-            for K in self.previous:
-                self._KpKpT.addmm_(K, K.T)
+            self._KpKpT = sum_of_products(self.previous, self.d_in)
         return self._KpKpT
 
     def null_previous(self) -> torch.Tensor | None:
@@ -138,10 +143,7 @@ class LayerState:
             return None
         if self._null_previous is None:
             U = self.basis()
-            UK = [U.T @ K for K in self.previous]
-            self._null_previous = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64)
-            for k in UK:
-                self._null_previous.addmm_(k, k.T)
+            self._null_previous = sum_of_products((U.T @ K for K in self.previous), U.shape[1])
         return self._null_previous
 
     def null_covariance(self, C: torch.Tensor) -> torch.Tensor:

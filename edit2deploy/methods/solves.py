@@ -65,11 +65,8 @@ def alphaedit_update(
     alpha: float,
     C: torch.Tensor | None = None,
     lambda_null: float = 0.0,
-    P_KpKpT: torch.Tensor | None = None,
-    P_C: torch.Tensor | None = None,
     D: torch.Tensor | None = None,
     Kn: torch.Tensor | None = None,
-    P_C_P: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AlphaEdit:  ΔW = R Kᵀ P (Kp Kpᵀ P + Kn Knᵀ P + K Kᵀ P + λ_∅ P C P + α I)⁻¹   (λ_∅ = 0, no Kn in the paper).
 
@@ -77,11 +74,10 @@ def alphaedit_update(
     λ_∅ P C P = λ_∅ Σ_{null} λ_i u_i u_iᵀ when P is C's eigenprojector (then P C P = P C): the preserved keys'
     energy that the threshold lets into the null space, penalised as MEMIT's λ_p C does everywhere. (With
     preserved facts P is the eigenprojector of C plus their covariance, and the sandwich is needed.)
-    `P_KpKpT`, `P_C`, `P_C_P`: P Kp Kpᵀ, P C and P C P when the caller keeps them across batches (else formed
-    here).
     `D` (d_out, d_in): the earlier batches' drift W − W0; the λ_∅ penalty then counts the whole drift on the
     preserved keys, λ_∅ tr((D + ΔW) C (D + ΔW)ᵀ), which adds −λ_∅ D C P to R Kᵀ P: each batch pulls part of
     what earlier ones moved on the preserved keys back, against ‖ΔW Kp‖ which keeps earlier edits.
+    The paper's form, with d_in × d_in matrices; the editor solves the same ΔW as `alphaedit_null_update`.
     """
     kill_point("solve")
     K, R, P, KpKpT = _f64(K, R, P, KpKpT)
@@ -90,21 +86,16 @@ def alphaedit_update(
     A = PK @ K.T
     A.diagonal().add_(alpha)  # + α I (adding α·0 elsewhere changes nothing)
     A += _neighbour_term(Kn, P)
-    if P_KpKpT is not None:
-        A += P_KpKpT.to(torch.float64)
-    elif KpKpT.any():  # the first batch has no previous keys
+    if KpKpT.any():  # the first batch has no previous keys
         A += P @ KpKpT
     if lambda_null:
-        if P_C is None:
-            if C is None:
-                raise ValueError("lambda_null needs the key covariance C")
-            P_C = P @ C.to(torch.float64)
-        if P_C_P is None:
-            P_C_P = P_C.to(torch.float64) @ P
-        A += lambda_null * P_C_P.to(torch.float64)
+        if C is None:
+            raise ValueError("lambda_null needs the key covariance C")
+        P_C = P @ C.to(torch.float64)
+        A += lambda_null * (P_C @ P)
     B = PK @ R.T
     if lambda_null and D is not None:
-        B = B - lambda_null * (P_C.to(torch.float64) @ D.to(torch.float64).T)  # P C Dᵀ = (D C P)ᵀ
+        B = B - lambda_null * (P_C @ D.to(torch.float64).T)  # P C Dᵀ = (D C P)ᵀ
     return torch.linalg.solve(A, B).T
 
 

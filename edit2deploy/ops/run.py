@@ -366,11 +366,10 @@ def one_at_a_time(model_dir: Path, log: Log) -> OpenSlot | None:
     available now; else None (all stay open: a small model reopened would cost more time than it saves memory)."""
     size_mib = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
     free = available_mib()
-    if size_mib < ONE_AT_A_TIME_MIB and (free is None or 3 * size_mib < free):
-        return None
-    if free is not None and 3 * size_mib >= free:
+    tight = free is not None and 3 * size_mib >= free
+    if tight:
         log(f"verify: one runtime at a time ({size_mib:,.0f} MiB of weights, {free:,.0f} MiB available)")
-    return OpenSlot()
+    return OpenSlot() if tight or size_mib >= ONE_AT_A_TIME_MIB else None
 
 
 def _target_result(ex: ExportStage, check, gates: Gates, seconds: dict[str, float]) -> TargetResult:
