@@ -6,7 +6,7 @@ Layout of an edited model directory:
     edit2deploy/ledger.jsonl      append-only: one record per applied batch, one per rollback
     edit2deploy/original.safetensors   each edited tensor as it was before its first edit
     edit2deploy/batches/<id>.safetensors   per-batch ΔW exactly as applied (float32) and the batch's keys
-    edit2deploy/method_state.safetensors   AlphaEdit's null-space basis (Σ Kp Kpᵀ comes from the batches' keys)
+    edit2deploy/method_state.safetensors   AlphaEdit's null space: U or its complement V (Σ Kp Kpᵀ comes from the batches' keys)
 
 Exact rollback: a tensor's state after batches b1..bk is W0 + Δ1 + ... + Δk added in that order
 (float32 adds, the same operations the editor did), so replaying the kept batches reproduces

@@ -25,11 +25,13 @@ from edit2deploy.methods.keys import (
     locate_subject,
 )
 from edit2deploy.methods.solves import (
+    alphaedit_kernel_update,
     alphaedit_null_update,
     alphaedit_update,
     encore_update,
     memit_update,
     null_space_basis,
+    null_space_split,
     projector,
 )
 from edit2deploy.methods.values import ValueHParams, optimise_values
@@ -288,30 +290,81 @@ def test_null_coordinates_solve_is_the_papers_update():
     )
 
 
-def test_layer_state_keeps_the_projected_previous_keys_current():
-    """The registered solve reads Uᵀ Kp Kpᵀ U from the layer state, which `add_keys` grows by (Uᵀ K)(Uᵀ K)ᵀ:
-    after keys are added, the solve equals the formula evaluated on the grown Σ Kp Kpᵀ from scratch."""
+def test_kernel_solve_is_the_papers_update():
+    """`alphaedit_kernel_update` (m × m system in the keys' coordinates) gives `alphaedit_update`'s ΔW (λ_∅ = 0)
+    with previous and neighbour keys, through U or through its complement V, and with the previous keys as any
+    factor of Σ Kp Kpᵀ."""
+    K, R, _, _, Kp = _problem(6)
+    Kn = torch.randn(D_IN, 4, dtype=torch.float64, generator=_gen(9))
+    for large in (3, 9):  # a null space of 9 directions (held as U) and of 3 (held as V)
+        C_spec, _, _ = spectrum_covariance(D_IN, large=large, seed=8)
+        basis, complement = null_space_split(C_spec, tau=2e-2)
+        assert complement == (large < D_IN / 2)
+        assert basis.shape[1] == min(large, D_IN - large)
+        P = projector(null_space_basis(C_spec, tau=2e-2))
+        assert torch.allclose(
+            torch.eye(D_IN, dtype=torch.float64) - projector(basis) if complement else projector(basis),
+            P,
+            atol=1e-10,
+        )
+        paper = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, Kn=Kn)
+        ours = alphaedit_kernel_update(K, R, basis, complement, 10.0, Kp, Kn)
+        assert torch.allclose(ours, paper, rtol=1e-9, atol=1e-12)
+        many = torch.randn(D_IN, 3 * D_IN, dtype=torch.float64, generator=_gen(11))  # more keys than rows
+        factor = torch.linalg.qr(many.T, mode="r")[1].T
+        assert torch.allclose(
+            alphaedit_kernel_update(K, R, basis, complement, 10.0, factor),
+            alphaedit_update(K, R, P, many @ many.T, 10.0),
+            rtol=1e-8,
+            atol=1e-11,
+        )
+        first = alphaedit_kernel_update(K, R, basis, complement, 10.0)
+        assert torch.allclose(
+            first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), 10.0), rtol=1e-9, atol=1e-12
+        )
+
+
+def test_layer_state_keeps_the_previous_keys_current():
+    """The default solve reads the earlier batches' keys from the layer state (`previous_keys`, kept current
+    by `add_keys`, compressed to a d_in-column factor once there are more); λ_∅'s solve reads Uᵀ Kp Kpᵀ U, which
+    `add_keys` grows by (Uᵀ K)(Uᵀ K)ᵀ, and forms U from a held complement. Each equals the formula evaluated on the
+    grown Σ Kp Kpᵀ from scratch."""
     from edit2deploy.methods.editor import LayerState
 
     K, R, _, C, Kp = _problem(5)
-    C_spec, _, _ = spectrum_covariance(D_IN, large=7, seed=6)
-    state = LayerState(D_IN, null_basis=null_space_basis(C_spec, tau=2e-2))
-    U = state.null_basis
-    P = projector(U)
+    C_spec, _, _ = spectrum_covariance(D_IN, large=3, seed=6)
+    V, complement = null_space_split(C_spec, tau=2e-2)
+    assert complement
+    state = LayerState(D_IN, null_basis=V, complement=True)
+    P = projector(null_space_basis(C_spec, tau=2e-2))
     cfg = EditConfig()
     first = METHODS["default"].solve(K, R, C, state, cfg)
     assert torch.allclose(first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), cfg.alpha), rtol=1e-9)
-    assert state.null_previous() is None  # no earlier batches: nothing formed
+    assert state.previous_keys() is None  # no earlier batches
     state.add_keys(Kp[:, :3])
-    assert torch.allclose(state.null_previous(), U.T @ Kp[:, :3] @ Kp[:, :3].T @ U, rtol=1e-10, atol=1e-12)
-    state.add_keys(Kp[:, 3:])  # grows the product formed above
-    assert torch.allclose(state.KpKpT(), Kp @ Kp.T, rtol=1e-12)
-    assert torch.allclose(state.null_previous(), U.T @ Kp @ Kp.T @ U, rtol=1e-10, atol=1e-12)
+    assert torch.equal(state.previous_keys(), Kp[:, :3])
+    state.add_keys(Kp[:, 3:])  # grows the matrix formed above
+    assert torch.equal(state.previous_keys(), Kp)
     later = METHODS["default"].solve(K, R, C, state, cfg)
     assert torch.allclose(later, alphaedit_update(K, R, P, Kp @ Kp.T, cfg.alpha), rtol=1e-9)
     assert not torch.allclose(later, first, rtol=1e-3)
-    # a state read back from a ledger (the batches' keys) forms the same Uᵀ Kp Kpᵀ U
-    fresh = LayerState(D_IN, previous=[Kp[:, :3], Kp[:, 3:]], null_basis=U)
+    many = torch.randn(D_IN, 2 * D_IN, dtype=torch.float64, generator=_gen(12))
+    state.add_keys(many)  # past d_in columns: a (d_in, d_in) factor of the same Σ Kp Kpᵀ
+    all_keys = torch.cat([Kp, many], dim=1)
+    assert state.previous_keys().shape == (D_IN, D_IN)
+    assert torch.allclose(state.previous_keys() @ state.previous_keys().T, all_keys @ all_keys.T, rtol=1e-10)
+    # λ_∅ works in U's coordinates: U is formed from V, Uᵀ Kp Kpᵀ U from the keys
+    lam = EditConfig(lambda_null=5.0)
+    dW = METHODS["default"].solve(K, R, C, state, lam)
+    assert not state.complement and torch.allclose(projector(state.null_basis), P, atol=1e-10)
+    U = state.null_basis
+    assert torch.allclose(state.null_previous(), U.T @ all_keys @ all_keys.T @ U, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(dW, alphaedit_update(K, R, P, all_keys @ all_keys.T, lam.alpha, C, 5.0), rtol=1e-9)
+    state.add_keys(Kp)  # grows the r × r product formed above
+    grown = torch.cat([all_keys, Kp], dim=1)
+    assert torch.allclose(state.null_previous(), U.T @ grown @ grown.T @ U, rtol=1e-10, atol=1e-12)
+    # a state read back from a ledger (the batches' keys) solves the same
+    fresh = LayerState(D_IN, previous=[Kp[:, :3], Kp[:, 3:]], null_basis=V, complement=True)
     assert torch.allclose(METHODS["default"].solve(K, R, C, fresh, cfg), later, rtol=1e-10)
 
 
@@ -721,7 +774,8 @@ def test_editor_default_method_preserves_the_preserved_subspace(fresh_llama):
     editor = Editor(lm, cfg, stats, prefixes=PREFIXES, quiet=True)
     assert editor.cfg.values.mpes  # the default method is AlphaEdit's solve + MPES
     for li in layers:
-        assert editor.state[li].null_basis.shape == (d_ff, d_ff - 96)
+        # the null space (d_ff − 96 of d_ff = 128 directions) is held as U, the smaller of U and V
+        assert not editor.state[li].complement and editor.state[li].null_basis.shape == (d_ff, d_ff - 96)
     before = {li: lm.arch.get_weight(lm.model, li).detach().clone() for li in layers}
     editor.apply_batch(REQUESTS)
     g = _gen(5)
@@ -984,7 +1038,7 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
     for on in (True, False):
         cfg = EditConfig(layers=(0, 1), preserve_names=on)
         editor, ledger, _ = prepare_editor(open_model(model_dir), cfg, corpus, 200, quiet=True, avoid=avoid)
-        bases[on] = editor.state[0].null_basis
+        bases[on] = editor.state[0].null_dim()
         if on:
             (subjects,) = seen
             assert "Ada Lovelace" in subjects and "Bletchley Park" in subjects
@@ -997,7 +1051,7 @@ def test_corpus_names_join_the_preserved_facts_unless_edited(tiny_model_dir, tmp
             }
         else:
             assert len(seen) == 1 and "preserved" not in ledger.state
-    assert bases[True].shape[1] < bases[False].shape[1]  # the names took directions out of the null space
+    assert bases[True] < bases[False]  # the names took directions out of the null space
     for method in ("memit", "alphaedit"):  # no null space / AlphaEdit as published
         prepare_editor(
             open_model(model_dir), EditConfig(method=method, layers=(0, 1)), corpus, 200, quiet=True

@@ -25,11 +25,14 @@ from .neighbours import neighbour_requests
 from .preserved import second_moment
 from .retry import resolve_failed
 from .solves import (
+    alphaedit_kernel_update,
     alphaedit_null_update,
+    complement_to_basis,
     encore_update,
     memit_update,
     mixed_covariance,
     null_space_basis,
+    null_space_split,
 )
 from .values import ValueHParams, ValueResult, shared_values
 
@@ -107,27 +110,41 @@ def sum_of_products(keys: Iterable[torch.Tensor], size: int) -> torch.Tensor:
 
 @dataclass
 class LayerState:
-    """Method state of one edited layer: the earlier batches' keys and the null-space basis (persisted with the
+    """Method state of one edited layer: the earlier batches' keys and the null space's basis (persisted with the
     patched model: the keys in each batch's record, the basis as method state).
 
-    Products of the keys are formed when a solve first reads them, then kept current by `add_keys`: ENCORE's
-    Σ Kp Kpᵀ (d_in × d_in), the null-space solve's Uᵀ Kp Kpᵀ U (r × r; `solves.alphaedit_null_update` needs no
-    d_in² matrix). A run of one batch forms neither."""
+    The null space is held as U (P = U Uᵀ) or, when it is the larger part of the d_in directions, as its
+    complement V (`complement`, P = I − V Vᵀ): the default solve (`solves.alphaedit_kernel_update`) applies P
+    through either. Products of the keys are formed when a solve first reads them, then kept current by
+    `add_keys`: ENCORE's Σ Kp Kpᵀ (d_in × d_in), λ_∅'s solve's Uᵀ Kp Kpᵀ U (r × r). A run of one batch forms
+    neither."""
 
     d_in: int
     # earlier batches' keys, each (d_in, n) float64
     previous: list[torch.Tensor] = field(default_factory=list)
-    null_basis: torch.Tensor | None = None  # AlphaEdit: U with P = U Uᵀ
+    null_basis: torch.Tensor | None = None  # AlphaEdit: U (P = U Uᵀ), or V with `complement`
+    complement: bool = False  # null_basis is V, the complement's basis: P = I − V Vᵀ
 
     _KpKpT: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _previous_keys: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _null_previous: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _null_covariance: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _null_cross: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def basis(self) -> torch.Tensor:
+        """U itself (λ_∅'s solve works in its coordinates); formed from V, once, where V is held."""
         if self.null_basis is None:
             raise ValueError("this layer has no null-space basis")
+        if self.complement:
+            self.null_basis, self.complement = complement_to_basis(self.null_basis), False
         return self.null_basis.to(torch.float64)
+
+    def null_dim(self) -> int:
+        """r: how many directions the null space holds."""
+        if self.null_basis is None:
+            raise ValueError("this layer has no null-space basis")
+        cols = self.null_basis.shape[1]
+        return self.d_in - cols if self.complement else cols
 
     def KpKpT(self) -> torch.Tensor:
         """Σ Kp Kpᵀ over the earlier batches (`no_previous_keys` before any)."""
@@ -136,6 +153,15 @@ class LayerState:
         if self._KpKpT is None:
             self._KpKpT = sum_of_products(self.previous, self.d_in)
         return self._KpKpT
+
+    def previous_keys(self) -> torch.Tensor | None:
+        """The earlier batches' keys as one (d_in, m) matrix, or, once m exceeds d_in, a (d_in, d_in) factor F
+        with F Fᵀ = Σ Kp Kpᵀ (all the kernel solve reads of them); None before any."""
+        if not self.previous:
+            return None
+        if self._previous_keys is None:
+            self._previous_keys = _compressed(torch.cat(self.previous, dim=1))
+        return self._previous_keys
 
     def null_previous(self) -> torch.Tensor | None:
         """Uᵀ Kp Kpᵀ U (r × r) over the earlier batches; None before any."""
@@ -164,9 +190,18 @@ class LayerState:
         self.previous.append(K)
         if self._KpKpT is not None:
             self._KpKpT.addmm_(K, K.T)
+        if self._previous_keys is not None:
+            self._previous_keys = _compressed(torch.cat([self._previous_keys, K], dim=1))
         if self._null_previous is not None:
             UK = self.basis().T @ K
             self._null_previous.addmm_(UK, UK.T)
+
+
+def _compressed(F: torch.Tensor) -> torch.Tensor:
+    """F itself, or, with more columns than rows, the d × d factor Rᵀ of Fᵀ = Q R: Rᵀ R = F Fᵀ."""
+    if F.shape[1] <= F.shape[0]:
+        return F
+    return torch.linalg.qr(F.T, mode="r")[1].T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -191,7 +226,12 @@ def _encore(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) ->
 
 
 def _alphaedit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
-    # `alphaedit_update`'s ΔW, solved in the null space's coordinates (no d_in² projector or system)
+    # `alphaedit_update`'s ΔW with no d_in² projector or system: in the keys' coordinates (m × m), or with λ_∅ (a
+    # full-rank term) in the null space's (r × r)
+    if not cfg.lambda_null:
+        return alphaedit_kernel_update(
+            K, R, state.null_basis, state.complement, cfg.alpha, state.previous_keys(), Kn
+        )
     drifted = cfg.lambda_null and cfg.null_drift and drift is not None
     return alphaedit_null_update(
         K,
@@ -347,7 +387,12 @@ class Editor:
                 kept = stats[li]
                 if preserved and li in preserved:
                     kept = mixed_covariance(stats[li], second_moment(preserved[li]), cfg.preserve_weight)
-                self.state[li].null_basis = null_space_basis(kept, cfg.tau, cfg.tau_relative)
+                # λ_∅'s solve needs U itself; the kernel solve takes whichever of U and V is smaller
+                st = self.state[li]
+                if cfg.lambda_null:
+                    st.null_basis, st.complement = null_space_basis(kept, cfg.tau, cfg.tau_relative), False
+                else:
+                    st.null_basis, st.complement = null_space_split(kept, cfg.tau, cfg.tau_relative)
                 del kept
             if not uses_C:
                 # the editor takes `stats` over: where no solve reads C, each layer's leaves it once its basis is
@@ -503,8 +548,13 @@ class Editor:
         directions the neighbours use leave the null space (the persisted basis is not changed)."""
         Kn = Kn.to(torch.float64)
         mixed = mixed_covariance(self.C[li], Kn @ Kn.T / Kn.shape[1], self.cfg.neighbour_weight)
-        basis = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative)
-        return LayerState(self.state[li].d_in, previous=self.state[li].previous, null_basis=basis)
+        if self.cfg.lambda_null:
+            basis, complement = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative), False
+        else:
+            basis, complement = null_space_split(mixed, self.cfg.tau, self.cfg.tau_relative)
+        return LayerState(
+            self.state[li].d_in, previous=self.state[li].previous, null_basis=basis, complement=complement
+        )
 
     def _neighbour_passes(self, requests: Sequence[EditRequest]) -> tuple[KeyPasses, float] | None:
         """Key passes over the requests' neighbours and the scale of their keys (√(weight / neighbours per

@@ -2,7 +2,7 @@
 
 Shapes: K (d_in, n) keys of this batch, R (d_out, n) residuals, C (d_in, d_in) = E[k kᵀ],
 KpKpT (d_in, d_in) = Σ over earlier batches of Kp Kpᵀ, P (d_in, d_in) null-space projector, U (d_in, r) its
-orthonormal basis (P = U Uᵀ),
+orthonormal basis (P = U Uᵀ), V (d_in, d_in − r) the orthonormal basis of its complement (P = I − V Vᵀ),
 Kn (d_in, m) keys of this batch's prompts asked about other names (neighbours.py), held like previous keys:
 ‖ΔW Kn‖² joins the objective, so the same questions about other subjects keep their answers.
 All arithmetic in float64 with `torch.linalg.solve`; no explicit inverse is formed.
@@ -144,15 +144,71 @@ def alphaedit_null_update(
     return (U @ torch.linalg.solve(A, B)).T
 
 
+def null_projection(basis: torch.Tensor, complement: bool, X: torch.Tensor) -> torch.Tensor:
+    """P X, P never formed: U (Uᵀ X) for a null-space basis U, X − V (Vᵀ X) for its complement V (`complement`)."""
+    X = X.to(torch.float64)
+    basis = basis.to(torch.float64)
+    return X - basis @ (basis.T @ X) if complement else basis @ (basis.T @ X)
+
+
+def alphaedit_kernel_update(
+    K: torch.Tensor,
+    R: torch.Tensor,
+    basis: torch.Tensor,
+    complement: bool,
+    alpha: float,
+    Kp: torch.Tensor | None = None,
+    Kn: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`alphaedit_update` without λ_∅, in the keys' own coordinates:
+
+        ΔW = R Eᵀ (Bᵀ P B + α I_m)⁻¹ (P B)ᵀ,   B = [K | Kn | Kp],   E = [I_n 0]
+
+    The same ΔW as `alphaedit_null_update`: with G = Uᵀ B, its U (G Gᵀ + α I)⁻¹ G E Rᵀ equals U G (Gᵀ G + α I)⁻¹ E Rᵀ
+    (push-through identity), and U G = P B, Gᵀ G = Bᵀ P B. The system is m × m (the m keys edited or held)
+    instead of r × r, and P is applied through whichever basis is smaller (`null_projection`): no d_in² or r²
+    matrix. `Kp` may be any factor F with F Fᵀ = Σ Kp Kpᵀ (`LayerState.previous_keys`).
+    """
+    kill_point("solve")
+    K, R = _f64(K, R)
+    B = torch.cat([K, *(x.to(torch.float64) for x in (Kn, Kp) if x is not None and x.numel())], dim=1)
+    PB = null_projection(basis, complement, B)
+    A = B.T @ PB  # (m, m), symmetric
+    A.diagonal().add_(alpha)
+    rhs = torch.zeros(B.shape[1], R.shape[0], dtype=torch.float64)
+    rhs[: K.shape[1]] = R.T  # E Rᵀ
+    return (PB @ torch.linalg.solve(A, rhs)).T
+
+
+def _split_spectrum(C: torch.Tensor, tau: float, relative: bool) -> tuple[torch.Tensor, int]:
+    """C's eigenvectors (eigenvalues ascending) and how many of them are below the threshold."""
+    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
+    keep = (evals / evals.max() if relative else evals) < tau
+    return evecs, int(keep.sum())
+
+
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
     """Eigenvectors of C whose eigenvalue is < τ · λ_max (`relative`) or < τ (AlphaEdit's released code):
     the directions preserved knowledge barely uses."""
-    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
-    keep = (evals / evals.max() if relative else evals) < tau
+    evecs, k = _split_spectrum(C, tau, relative)
     # eigenvalues ascend, so the kept ones come first; copied out (after the decomposition's workspace is freed, so
     # not at its peak) unless they are all of them, so the other d_in − r eigenvectors are not held with the basis
-    k = int(keep.sum())
     return evecs if k == evecs.shape[1] else evecs[:, :k].clone()
+
+
+def null_space_split(C: torch.Tensor, tau: float, relative: bool = True) -> tuple[torch.Tensor, bool]:
+    """The null space as its smaller description: (U, False) as `null_space_basis`, or, when it holds more
+    than half of the directions, (V, True) with V the other eigenvectors, P = I − V Vᵀ."""
+    evecs, k = _split_spectrum(C, tau, relative)
+    if 2 * k > evecs.shape[1]:
+        return evecs[:, k:].clone(), True
+    return (evecs if k == evecs.shape[1] else evecs[:, :k].clone()), False
+
+
+def complement_to_basis(V: torch.Tensor) -> torch.Tensor:
+    """U from V (orthonormal columns): an orthonormal basis of V's orthogonal complement (a complete QR)."""
+    Q, _ = torch.linalg.qr(V.to(torch.float64), mode="complete")
+    return Q[:, V.shape[1] :].clone()
 
 
 def mixed_covariance(C: torch.Tensor, Cx: torch.Tensor, weight: float) -> torch.Tensor:

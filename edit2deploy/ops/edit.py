@@ -65,9 +65,15 @@ def _state_from_ledger(ledger: Ledger, layers) -> dict[int, LayerState]:
             if f"keys.{li}" in ledger.batch_tensors[b]
         ]
         basis = ledger.method_state.get(f"null_basis.{li}")
-        if keys or basis is not None:
-            d_in = keys[0].shape[0] if keys else basis.shape[0]
-            out[li] = LayerState(d_in, previous=keys, null_basis=basis)
+        complement = ledger.method_state.get(f"null_complement.{li}")
+        if keys or basis is not None or complement is not None:
+            d_in = keys[0].shape[0] if keys else (basis if basis is not None else complement).shape[0]
+            out[li] = LayerState(
+                d_in,
+                previous=keys,
+                null_basis=basis if basis is not None else complement,
+                complement=basis is None and complement is not None,
+            )
     return out
 
 
@@ -75,7 +81,12 @@ def _state_into_ledger(ledger: Ledger, state: dict[int, LayerState]) -> None:
     # The previous keys are not stored here: each batch's record holds its own, and rollback only has to drop a batch.
     for li, st in state.items():
         if st.null_basis is not None:
-            ledger.method_state[f"null_basis.{li}"] = st.null_basis
+            # one of the two: U as `null_basis.<layer>`, or its complement V as `null_complement.<layer>`
+            name, other = (
+                ("null_complement", "null_basis") if st.complement else ("null_basis", "null_complement")
+            )
+            ledger.method_state[f"{name}.{li}"] = st.null_basis
+            ledger.method_state.pop(f"{other}.{li}", None)
 
 
 def statistics_corpus(corpus: str | Path | None, lm: LoadedModel) -> Corpus:
