@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -466,6 +466,43 @@ def save_cached(path: Path, stats: KeyStats) -> None:
         tmp.write_text(json.dumps(meta))
     with atomic_path(path) as tmp:
         save_file({"C": stats.C.contiguous()}, str(tmp))
+
+
+class CovarianceFiles(MutableMapping[int, torch.Tensor]):
+    """Each layer's C read from the statistics cache when it is asked for (checksum checked), not held: the editor
+    builds one layer's null space at a time, so one d_in² C is in memory at a time instead of all of them.
+    Deleting a layer forgets its file (the cache keeps it)."""
+
+    def __init__(self, paths: dict[int, Path]):
+        self._paths = dict(paths)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        cached = load_cached(self._paths[layer])
+        if cached is None:
+            raise Edit2DeployError(f"statistics cache {self._paths[layer]} vanished or broke while in use")
+        return cached.C
+
+    def __setitem__(self, layer: int, C: torch.Tensor) -> None:
+        raise TypeError("CovarianceFiles reads the statistics cache; it is not written through")
+
+    def __delitem__(self, layer: int) -> None:
+        del self._paths[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+def covariance_files(
+    lm: LoadedModel, layers: Sequence[int], fingerprint: str, corpus: Corpus, n_tokens: int = DEFAULT_N_TOKENS
+) -> CovarianceFiles | None:
+    """The cached C of every layer in `layers` as `CovarianceFiles`; None when one is not in the cache."""
+    paths = {li: _cache_file(fingerprint, li, corpus, n_tokens, lm.dtype) for li in layers}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    return CovarianceFiles(paths)
 
 
 def key_stats(

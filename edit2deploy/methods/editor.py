@@ -7,7 +7,7 @@ batch touched is restored before the error propagates.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -324,7 +324,7 @@ class Editor:
         self,
         lm: LoadedModel,
         cfg: EditConfig,
-        stats: dict[int, torch.Tensor],
+        stats: MutableMapping[int, torch.Tensor],
         prefixes: Sequence[str],
         state: dict[int, LayerState] | None = None,
         quiet: bool = False,
@@ -377,7 +377,7 @@ class Editor:
         self.state = state or {}
         for li in self.layers:
             if li not in self.state:
-                self.state[li] = LayerState(d_in=stats[li].shape[0])
+                self.state[li] = LayerState(d_in=lm.arch.to_out_in(lm.arch.get_weight(lm.model, li)).shape[1])
             # under torchrun only rank 0 solves (`solve`), so only it needs the basis (an eigendecomposition)
             if self.spec.uses_projector and self.state[li].null_basis is None and distributed.is_main():
                 # preserved facts (`preserved`: their keys per layer) count once, here: the basis is kept with
@@ -386,7 +386,7 @@ class Editor:
                 release_freed()  # what the key passes before it freed: an eigendecomposition is the peak here
                 kept = stats[li]
                 if preserved and li in preserved:
-                    kept = mixed_covariance(stats[li], second_moment(preserved[li]), cfg.preserve_weight)
+                    kept = mixed_covariance(kept, second_moment(preserved[li]), cfg.preserve_weight)
                 # λ_∅'s solve needs U itself; the kernel solve takes whichever of U and V is smaller
                 st = self.state[li]
                 if cfg.lambda_null:
@@ -397,7 +397,7 @@ class Editor:
             if not uses_C:
                 # the editor takes `stats` over: where no solve reads C, each layer's leaves it once its basis is
                 # built, so the caller's references go too and one C at a time is held past this point
-                stats.pop(li)
+                del stats[li]
         # W0 of each edited layer (stored layout) for `null_drift`: the caller's (an earlier run's originals),
         # else the weights as they are now (nothing drifted yet).
         self.base: dict[int, torch.Tensor] = {}

@@ -39,7 +39,15 @@ from ..models import (
 from ..precision import hold_in_float32
 from ..quantsim import QuantScheme, Simulation
 from ..requests import EditRequest, load_requests, merge_duplicates
-from ..stats import DEFAULT_N_TOKENS, Corpus, corpus_from_path, corpus_names, generated_corpus, key_stats
+from ..stats import (
+    DEFAULT_N_TOKENS,
+    Corpus,
+    corpus_from_path,
+    corpus_names,
+    covariance_files,
+    generated_corpus,
+    key_stats,
+)
 from .settings import check_edit_config, check_run_values
 
 
@@ -175,7 +183,10 @@ def prepare_editor(
         _preserved_keys(lm, ledger, unbuilt, preserved, named, cfg, quiet) if preserved or named else None
     )
     stats_seconds = time.perf_counter() - t
-    covariances = {li: s.C for li, s in stats.items()}
+    # Read back from the cache one layer at a time where every layer is there (it is after `key_stats`, unless
+    # the cache cannot be written), so the editor holds one C while it builds each null space.
+    files = covariance_files(lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"])
+    covariances = files if files is not None else {li: s.C for li, s in stats.items()}
     del stats  # the editor holds the only references to C, and drops each once no solve needs it
     editor = Editor(
         lm,
