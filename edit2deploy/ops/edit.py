@@ -21,7 +21,7 @@ from ..atomic import atomic_dir, kill_point, remove_stale_temps
 from ..errors import NonFiniteUpdateError, UsageError
 from ..formats.gguf.sampler import sampler_for
 from ..ledger import Ledger, tensor_sha256
-from ..memory import PeakMemory
+from ..memory import PeakMemory, release_freed
 from ..methods import EditConfig, Editor
 from ..methods.editor import LayerState, check_layers, method_spec
 from ..methods.harden import HardenConfig, Hardener
@@ -163,6 +163,13 @@ def prepare_editor(
     stats = key_stats(
         lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"], quiet=quiet
     )
+    # Read back from the cache one layer at a time where every layer is there (it is after `key_stats`, unless
+    # the cache cannot be written), so no C is held through the passes below and the editor holds one C while it
+    # builds each null space.
+    files = covariance_files(lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"])
+    covariances = files if files is not None else {li: s.C for li, s in stats.items()}
+    del stats  # the editor holds the only references to C, and drops each once no solve needs it
+    release_freed()
     names: list[str] = []
     if cfg.neighbour_weight and cfg.neighbour_names:
         # kept with the method state, so later batches and later runs draw neighbours from the same names
@@ -183,11 +190,6 @@ def prepare_editor(
         _preserved_keys(lm, ledger, unbuilt, preserved, named, cfg, quiet) if preserved or named else None
     )
     stats_seconds = time.perf_counter() - t
-    # Read back from the cache one layer at a time where every layer is there (it is after `key_stats`, unless
-    # the cache cannot be written), so the editor holds one C while it builds each null space.
-    files = covariance_files(lm, layers, ledger.state["base_fingerprint"], corp, ledger.state["n_tokens"])
-    covariances = files if files is not None else {li: s.C for li, s in stats.items()}
-    del stats  # the editor holds the only references to C, and drops each once no solve needs it
     editor = Editor(
         lm,
         cfg,
