@@ -201,3 +201,39 @@ def test_editor_chat_contexts_off_and_on_without_a_template(tiny_model_dir, tmp_
     assert auto.cfg.chat_contexts == "off"
     with pytest.raises(UsageError, match="chat template"):
         Editor(lm, EditConfig(layers=(0, 1), chat_contexts="on"), _identity_stats(lm, (0, 1)), [], quiet=True)
+
+
+def test_retry_chat_counts_an_edit_whose_chat_reply_misses_as_failed(tiny_model_dir):
+    """`retry_chat`: an edit whose teacher-forced check passes still counts as failed (and so is retried) while the
+    model's greedy chat reply to its prompt does not give the new answer; a reply that gives it does not count;
+    a model without a chat template counts only the teacher-forced check."""
+    from edit2deploy.methods.retry import chat_misses, failed_edits
+    from edit2deploy.scoring import TorchScorer
+    from edit2deploy.verdicts import Verdict, verdict
+
+    lm = open_model(tiny_model_dir("llama"))
+    scorer = TorchScorer(lm.model, lm.tokenizer)
+    text = REQUESTS[0].text
+
+    def first_word(reply: str) -> str:
+        return next(w for w in reply.split() if w.isalpha())
+
+    # the greedy continuation's first token: the teacher-forced check (no true answer: greedy-decoded) passes
+    said = scorer.complete(text, 1).strip()
+    reply = scorer.chat([{"role": "user", "content": text}], 48)
+    in_chat = first_word(reply)
+    assert verdict(reply, in_chat) == Verdict.NEW
+    passes = dataclasses.replace(REQUESTS[0], target_new=said, id="tf")
+    assert verdict(reply, said) != Verdict.NEW  # precondition: the chat reply does not give it
+    answered = dataclasses.replace(REQUESTS[0], target_new=in_chat, id="chat")
+    requests = [passes, answered]
+    assert chat_misses(scorer, requests) == [0]
+    layers = (0, 1)
+    base = EditConfig(method="memit", layers=layers)
+    for on, want in ((False, []), (True, [0])):
+        editor = Editor(
+            lm, dataclasses.replace(base, retry_chat=on), _identity_stats(lm, layers), [], quiet=True
+        )
+        assert failed_edits(editor, [passes]) == want
+    lm.tokenizer.chat_template = None
+    assert chat_misses(scorer, requests) == []

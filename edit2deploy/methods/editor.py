@@ -63,6 +63,9 @@ class EditConfig:
     # Re-solve rounds per batch for requests whose edit prompt still fails after the solve (methods/retry.py):
     # their δ is optimised further on the edited model and the batch is solved again. 0: one solve, as published.
     retry_rounds: int = 0
+    # `retry_chat`: with retry rounds, an edit also counts as failed while the edited model's greedy chat reply to
+    # its prompt (its own template, fp32) does not give the new answer (generation.py's verdict).
+    retry_chat: bool = False
     # Neighbour keys (methods/neighbours.py): each request's prompt asked about `neighbour_names` other names
     # from the statistics corpus, held at their outputs with this weight per request (‖ΔW Kn‖² in the solve).
     # `neighbour_kept`: they also join the previous keys, so later batches hold them too. 0: as published.

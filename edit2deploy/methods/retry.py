@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
+from ..generation import DEFAULT_GENERATION, GenProbe, generate
 from ..models import LoadedModel
 from ..probes import probes_for, run_probes
 from ..requests import EditRequest
@@ -53,9 +54,33 @@ def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[i
     failing = None
     if distributed.is_main():
         lm = editor.lm
-        results = run_probes(TorchScorer(lm.model, lm.tokenizer), probes_for(requests, ("edit",)))
-        failing = [i for i, r in enumerate(results) if not r.success]
+        scorer = TorchScorer(lm.model, lm.tokenizer)
+        results = run_probes(scorer, probes_for(requests, ("edit",)))
+        bad = {i for i, r in enumerate(results) if not r.success}
+        if editor.cfg.retry_chat:
+            bad |= set(chat_misses(scorer, requests))
+        failing = sorted(bad)
     return distributed.broadcast_object(failing)
+
+
+def chat_misses(scorer: TorchScorer, requests: Sequence[EditRequest]) -> list[int]:
+    """Indices of the requests whose greedy chat reply to their prompt (the model's own template, as verify
+    sends it) does not give the new answer; none without a chat template."""
+    probes = [
+        GenProbe(
+            r.id,
+            "chat",
+            r.text,
+            r.target_new,
+            r.target_true,
+            r.aliases_of(r.target_new),
+            r.aliases_of(r.target_true or ""),
+            subject=r.subject,
+        )
+        for r in requests
+    ]
+    got = generate(scorer, probes, DEFAULT_GENERATION)
+    return [i for i, g in enumerate(got) if g.verdict is not None and g.verdict != "new"]
 
 
 def resolve_failed(
