@@ -149,6 +149,40 @@ def test_cache_hit_on_second_call(lm, tiny_model_dir, corpus_file, cache, spy):
     assert not [p for p in (cache / "stats").rglob("*") if ".tmp-" in p.name]
 
 
+def test_covariance_files_read_each_layer_from_the_cache(lm, tiny_model_dir, corpus_file, cache, spy):
+    """`covariance_files`: every layer's cached C, read (checksum checked) when asked for and not held; None while a
+    layer is missing; a file that vanishes in use is a clear error. An editor with λ_∅ (which reads C in every
+    solve) edits the same through them as through the C's in memory."""
+    from edit2deploy.errors import Edit2DeployError
+    from edit2deploy.methods import EditConfig, Editor
+    from edit2deploy.methods.values import ValueHParams
+    from edit2deploy.requests import EditRequest
+    from edit2deploy.stats import CovarianceFiles, covariance_files
+
+    fp = weights_fingerprint(tiny_model_dir("llama"))
+    corpus = corpus_from_path(corpus_file)
+    assert covariance_files(lm, [0, 1], fp, corpus, 250) is None  # nothing cached yet
+    held = key_stats(lm, [0, 1], fp, corpus, n_tokens=250, quiet=True)
+    files = covariance_files(lm, [0, 1], fp, corpus, 250)
+    assert isinstance(files, CovarianceFiles) and list(files) == [0, 1] and len(files) == 2
+    assert torch.equal(files[0], held[0].C) and files[0] is not files[0]  # a fresh read each time
+    assert covariance_files(lm, [0, 1, 2], fp, corpus, 250) is None
+    requests = [EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", id="a")]
+    cfg = EditConfig(layers=(0, 1), lambda_null=50.0, values=ValueHParams(max_steps=2, dtype="float32"))
+    deltas = []
+    for stats in ({li: s.C for li, s in held.items()}, files):
+        edited = open_model(tiny_model_dir("llama"))
+        deltas.append(Editor(edited, cfg, stats, [], quiet=True).apply_batch(requests).deltas)
+    for li in (0, 1):
+        assert deltas[0][li].abs().max() > 0 and torch.equal(deltas[0][li], deltas[1][li])
+    del files[1]
+    assert list(files) == [0]
+    for f in _cached_files(cache):
+        f.unlink()
+    with pytest.raises(Edit2DeployError, match="vanished"):
+        files[0]
+
+
 def _corrupt_data(f):
     raw = bytearray(f.read_bytes())
     raw[-20] ^= 0xFF  # inside the tensor bytes (the header is at the front)

@@ -365,7 +365,8 @@ class Editor:
         # C after the null space is built only where a solve reads it (MEMIT's and ENCORE's λ_p C, λ_∅, the
         # neighbours' per-batch null space): AlphaEdit's own solve does not, and it is d_in² per layer.
         uses_C = not self.spec.uses_projector or self.cfg.lambda_null or self.cfg.neighbour_null
-        self.C = dict(stats) if uses_C else {}
+        # (read per solve where `stats` reads the cache: `stats.CovarianceFiles`, so one C is held at a time)
+        self.C = stats if uses_C else {}
         # Every context of z-optimisation: the text contexts, then (chat_contexts on) the chat contexts.
         self.text_templates = context_templates(prefixes)
         self.templates = self.text_templates + chat
