@@ -74,10 +74,7 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
             **{p: "paraphrase" for p in r.paraphrases},
             **{q: "question" for q in r.questions},
         }
-        for message, source in asked.items():
-            out.append(
-                GenProbe(r.id, "chat", message, r.target_new, r.target_true, new_a, old_a, source, r.subject)
-            )
+        out.extend(chat_probe(r, message, source) for message, source in asked.items())
         for n in r.neighborhood:
             kinds = (
                 ("neighborhood", "neighborhood_chat")
@@ -89,6 +86,21 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
                     GenProbe(r.id, kind, n.prompt, n.answer, None, r.aliases_of(n.answer), (), "neighbour")
                 )
     return out
+
+
+def chat_probe(r: EditRequest, message: str, source: str = "prompt") -> GenProbe:
+    """`message` about the edited fact `r`, sent as a chat message: the new answer expected, the old one not."""
+    return GenProbe(
+        r.id,
+        "chat",
+        message,
+        r.target_new,
+        r.target_true,
+        r.aliases_of(r.target_new),
+        r.aliases_of(r.target_true or ""),
+        source,
+        r.subject,
+    )
 
 
 @dataclass(frozen=True)

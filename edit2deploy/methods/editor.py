@@ -391,12 +391,7 @@ class Editor:
                 kept = stats[li]
                 if preserved and li in preserved:
                     kept = mixed_covariance(kept, second_moment(preserved[li]), cfg.preserve_weight)
-                # λ_∅'s solve needs U itself; the kernel solve takes whichever of U and V is smaller
-                st = self.state[li]
-                if cfg.lambda_null:
-                    st.null_basis, st.complement = null_space_basis(kept, cfg.tau, cfg.tau_relative), False
-                else:
-                    st.null_basis, st.complement = null_space_split(kept, cfg.tau, cfg.tau_relative)
+                self.state[li].null_basis, self.state[li].complement = self._null_space(kept)
                 del kept
             if not uses_C:
                 # the editor takes `stats` over: where no solve reads C, each layer's leaves it once its basis is
@@ -552,13 +547,18 @@ class Editor:
         directions the neighbours use leave the null space (the persisted basis is not changed)."""
         Kn = Kn.to(torch.float64)
         mixed = mixed_covariance(self.C[li], Kn @ Kn.T / Kn.shape[1], self.cfg.neighbour_weight)
-        if self.cfg.lambda_null:
-            basis, complement = null_space_basis(mixed, self.cfg.tau, self.cfg.tau_relative), False
-        else:
-            basis, complement = null_space_split(mixed, self.cfg.tau, self.cfg.tau_relative)
+        basis, complement = self._null_space(mixed)
         return LayerState(
             self.state[li].d_in, previous=self.state[li].previous, null_basis=basis, complement=complement
         )
+
+    def _null_space(self, C: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The null space of C as (basis, complement): λ_∅'s solve needs U itself; the kernel solve takes whichever
+        of U and V is smaller."""
+        cfg = self.cfg
+        if cfg.lambda_null:
+            return null_space_basis(C, cfg.tau, cfg.tau_relative), False
+        return null_space_split(C, cfg.tau, cfg.tau_relative)
 
     def _neighbour_passes(self, requests: Sequence[EditRequest]) -> tuple[KeyPasses, float] | None:
         """Key passes over the requests' neighbours and the scale of their keys (√(weight / neighbours per

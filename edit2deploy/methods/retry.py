@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
-from ..generation import DEFAULT_GENERATION, GenProbe, generate
+from ..generation import DEFAULT_GENERATION, chat_probe, generate
 from ..models import LoadedModel
 from ..probes import probes_for, run_probes
 from ..requests import EditRequest
@@ -66,19 +66,7 @@ def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[i
 def chat_misses(scorer: TorchScorer, requests: Sequence[EditRequest]) -> list[int]:
     """Indices of the requests whose greedy chat reply to their prompt (the model's own template, as verify
     sends it) does not give the new answer; none without a chat template."""
-    probes = [
-        GenProbe(
-            r.id,
-            "chat",
-            r.text,
-            r.target_new,
-            r.target_true,
-            r.aliases_of(r.target_new),
-            r.aliases_of(r.target_true or ""),
-            subject=r.subject,
-        )
-        for r in requests
-    ]
+    probes = [chat_probe(r, r.text) for r in requests]
     got = generate(scorer, probes, DEFAULT_GENERATION)
     return [i for i, g in enumerate(got) if g.verdict is not None and g.verdict != "new"]
 

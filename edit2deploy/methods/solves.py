@@ -190,7 +190,10 @@ def _split_spectrum(C: torch.Tensor, tau: float, relative: bool) -> tuple[torch.
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
     """Eigenvectors of C whose eigenvalue is < τ · λ_max (`relative`) or < τ (AlphaEdit's released code):
     the directions preserved knowledge barely uses."""
-    evecs, k = _split_spectrum(C, tau, relative)
+    return _first_columns(*_split_spectrum(C, tau, relative))
+
+
+def _first_columns(evecs: torch.Tensor, k: int) -> torch.Tensor:
     # eigenvalues ascend, so the kept ones come first; copied out (after the decomposition's workspace is freed, so
     # not at its peak) unless they are all of them, so the other d_in − r eigenvectors are not held with the basis
     return evecs if k == evecs.shape[1] else evecs[:, :k].clone()
@@ -202,7 +205,7 @@ def null_space_split(C: torch.Tensor, tau: float, relative: bool = True) -> tupl
     evecs, k = _split_spectrum(C, tau, relative)
     if 2 * k > evecs.shape[1]:
         return evecs[:, k:].clone(), True
-    return (evecs if k == evecs.shape[1] else evecs[:, :k].clone()), False
+    return _first_columns(evecs, k), False
 
 
 def complement_to_basis(V: torch.Tensor) -> torch.Tensor:
