@@ -237,3 +237,45 @@ def test_retry_chat_counts_an_edit_whose_chat_reply_misses_as_failed(tiny_model_
         assert failed_edits(editor, [passes]) == want
     lm.tokenizer.chat_template = None
     assert chat_misses(scorer, requests) == []
+
+
+def test_retry_chat_checks_the_reply_in_each_hardening_simulation(tiny_model_dir):
+    """With hardening targets, `retry_chat` also counts an edit as failed while its chat reply misses in a target's
+    simulated quantization (here a scheme that zeroes the final norm: every reply loses its answer), and the
+    model's weights are its own again afterwards."""
+    from edit2deploy.methods.retry import chat_misses, failed_edits
+    from edit2deploy.probes import probes_for, run_probes
+    from edit2deploy.quantsim import Simulation, TensorQuant
+    from edit2deploy.scoring import TorchScorer
+
+    lm = open_model(tiny_model_dir("llama"))
+    scorer = TorchScorer(lm.model, lm.tokenizer)
+    text = REQUESTS[0].text
+    reply = scorer.chat([{"role": "user", "content": text}], 48)
+    # a word of the fp32 chat reply that the teacher-forced check also gives (it beats an unlikely old answer)
+    candidates = [
+        dataclasses.replace(REQUESTS[0], target_new=w, target_true="quartz xylophone", id="chat")
+        for w in dict.fromkeys(w for w in reply.split() if w.isalpha())
+    ]
+    results = run_probes(scorer, probes_for(candidates, ("edit",)))
+    answered = next(r for r, res in zip(candidates, results) if res.success)
+    assert chat_misses(scorer, [answered]) == [], reply
+
+    class Silencing:
+        target = "test:silent"
+
+        def plan(self):
+            return {"model.norm.weight": TensorQuant("zero", fake=torch.zeros_like)}
+
+    sim = Simulation(lm, Silencing())
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    layers = (0, 1)
+    cfg = EditConfig(method="memit", layers=layers, retry_chat=True)
+    editor = Editor(lm, cfg, _identity_stats(lm, layers), [], quiet=True)
+    assert failed_edits(editor, [answered]) == []
+    assert failed_edits(editor, [answered], [sim]) == [0]
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+    editor = Editor(
+        lm, dataclasses.replace(cfg, retry_chat=False), _identity_stats(lm, layers), [], quiet=True
+    )
+    assert failed_edits(editor, [answered], [sim]) == []

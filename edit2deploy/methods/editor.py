@@ -64,7 +64,8 @@ class EditConfig:
     # their δ is optimised further on the edited model and the batch is solved again. 0: one solve, as published.
     retry_rounds: int = 0
     # `retry_chat`: with retry rounds, an edit also counts as failed while the edited model's greedy chat reply to
-    # its prompt (its own template, fp32) does not give the new answer (generation.py's verdict).
+    # its prompt (its own template, fp32, and each hardening target's simulated quantization) does not give the new
+    # answer (generation.py's verdict).
     retry_chat: bool = False
     # Neighbour keys (methods/neighbours.py): each request's prompt asked about `neighbour_names` other names
     # from the statistics corpus, held at their outputs with this weight per request (‖ΔW Kn‖² in the solve).
@@ -596,8 +597,9 @@ class Editor:
         if self.cfg.retry_rounds:
             t = time.perf_counter()
             try:
+                sims = harden.simulations if harden is not None else ()
                 deltas, keys, delta, retry = resolve_failed(
-                    self, requests, values, originals, deltas, keys, self.cfg.retry_rounds
+                    self, requests, values, originals, deltas, keys, self.cfg.retry_rounds, sims
                 )
                 values = replace(values, delta=delta)  # hardening starts from the retried δ
             except BaseException:

@@ -9,6 +9,10 @@ request whose new target does not beat the true answer (or, without a true answe
 added to the request's δ, and the whole batch is solved again from the pre-batch weights — up to `rounds`
 times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay out of the loop.
 
+With `retry_chat` the greedy chat reply to the edit prompt must give the new answer too, in full precision
+and, when the batch is hardened for deployment targets, in each target's simulated quantization
+(`quantsim.Simulation`): a reply that holds only in full precision often loses its answer in a 4-bit runtime.
+
 Under torchrun rank 0 decides which edits failed (every rank holds the same weights, `Editor.solve`), the
 ranks share their re-optimisation (`shared_values`) and rank 0 re-solves.
 """
@@ -24,6 +28,7 @@ from .. import distributed
 from ..generation import DEFAULT_GENERATION, chat_probe, generate
 from ..models import LoadedModel
 from ..probes import probes_for, run_probes
+from ..quantsim import Simulation
 from ..requests import EditRequest
 from ..scoring import TorchScorer
 from .values import ValueResult, shared_values
@@ -48,9 +53,12 @@ class BatchEditor(Protocol):
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]: ...
 
 
-def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[int]:
-    """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion); under
-    torchrun rank 0's list (scored there alone), so every rank takes the same next step."""
+def failed_edits(
+    editor: BatchEditor, requests: Sequence[EditRequest], simulations: Sequence[Simulation] = ()
+) -> list[int]:
+    """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion; with
+    `retry_chat` also whose chat reply misses, in full precision or in any of `simulations`); under torchrun
+    rank 0's list (scored there alone), so every rank takes the same next step."""
     failing = None
     if distributed.is_main():
         lm = editor.lm
@@ -59,6 +67,9 @@ def failed_edits(editor: BatchEditor, requests: Sequence[EditRequest]) -> list[i
         bad = {i for i, r in enumerate(results) if not r.success}
         if editor.cfg.retry_chat:
             bad |= set(chat_misses(scorer, requests))
+            for sim in simulations:
+                with sim.applied():
+                    bad |= set(chat_misses(scorer, requests))
         failing = sorted(bad)
     return distributed.broadcast_object(failing)
 
@@ -79,14 +90,15 @@ def resolve_failed(
     deltas: dict[int, torch.Tensor],
     keys: dict[int, torch.Tensor],
     rounds: int,
+    simulations: Sequence[Simulation] = (),
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor, dict]:
-    """Up to `rounds` re-solves of the batch with more δ for its failed edits; returns the deltas and keys
-    as applied, the δ they were solved for, and a ledger record (`rounds`: the request ids retried in each;
-    `failed`: those still failing)."""
+    """Up to `rounds` re-solves of the batch with more δ for its failed edits (`simulations`: the targets whose
+    simulated chat replies `retry_chat` checks too); returns the deltas and keys as applied, the δ they were
+    solved for, and a ledger record (`rounds`: the request ids retried in each; `failed`: those still failing)."""
     ids = [r.id for r in requests]
     delta = values.delta.clone()
     record: dict = {"rounds": [], "failed": []}
-    failing = failed_edits(editor, requests)
+    failing = failed_edits(editor, requests, simulations)
     for _ in range(rounds):
         if not failing:
             break
@@ -103,6 +115,6 @@ def resolve_failed(
         editor.restore(originals)
         deltas, keys = editor.solve(requests, delta, {}, originals)  # its time is the caller's "retry" phase
         record["rounds"].append({"retried": [ids[i] for i in failing], "steps": extra.steps})
-        failing = failed_edits(editor, requests)
+        failing = failed_edits(editor, requests, simulations)
     record["failed"] = [ids[i] for i in failing]
     return deltas, keys, delta, record
