@@ -27,8 +27,9 @@ from .arch import execution_device, input_device
 from .atomic import atomic_path
 from .errors import Edit2DeployError, UsageError
 from .forward import StopForward, run_until_stop
-from .memory import available_mib
+from .memory import available_mib, release_freed
 from .models import LoadedModel, cache_root, file_sha256
+from .moments import SymmetricSum
 from .scoring import document_start, pad_batch, pad_id
 
 MAX_SEQ_LEN = 1024
@@ -364,33 +365,20 @@ def collect_key_stats(
     world, rank = distributed.world_size(), distributed.rank()
     # Allocated up front: a rank with no chunk of its own still takes part in the sum, with zeros.
     d_in = {li: arch.to_out_in(arch.get_weight(model, li)).shape[1] for li in layers}
-    # each layer's sums where its keys are (a model dispatched across GPUs computes its layers on several)
+    # each layer's sums where its keys are (a model dispatched across GPUs computes its layers on several); the
+    # upper block triangle only (`moments`): every edited layer's sum is held through the whole pass
     acc = {
-        li: torch.zeros(
-            d_in[li],
-            d_in[li],
-            dtype=torch.float64,
-            device=execution_device(model.get_submodule(arch.mlp_out_name(li))),
-        )
+        li: SymmetricSum(d_in[li], execution_device(model.get_submodule(arch.mlp_out_name(li))))
         for li in layers
     }
     counts = dict.fromkeys(layers, 0)
     last = max(layers)
-    # One float32 product per size and device, shared by the layers (their hooks run one after another) and reused
-    # for every sequence: the sum reads it in place (float32 → float64 per element, the same values as adding a
-    # float64 copy) instead of a fresh d_in² float32 and float64 pair per call.
-    shared: dict[tuple[int, torch.device], torch.Tensor] = {}
-    for li in layers:
-        key = (d_in[li], acc[li].device)
-        if key not in shared:
-            shared[key] = torch.empty(d_in[li], d_in[li], dtype=torch.float32, device=acc[li].device)
-    products = {li: shared[(d_in[li], acc[li].device)] for li in layers}
 
     def hook_for(layer: int):
         def hook(_module, inputs):
             k = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             # One sequence (<= 1,024 tokens) per product in float32; the running sum over the corpus is float64.
-            acc[layer] += torch.matmul(k.T, k, out=products[layer])
+            acc[layer].add(k)
             counts[layer] += k.shape[0]
             if layer == last:
                 raise StopForward  # layers above the last edited one do not matter
@@ -416,14 +404,19 @@ def collect_key_stats(
             h.remove()
         bar.close()
     for li in layers:
-        distributed.all_reduce_sum(acc[li])
+        for row in acc[li].block_rows():
+            distributed.all_reduce_sum(row)
     n = distributed.all_reduce_sum(
         torch.tensor([counts[li] for li in layers], dtype=torch.float64, device=device)
     )
     # exact: token counts are far below 2**53
     counts = {li: int(c) for li, c in zip(layers, n.tolist(), strict=True)}
-    # in place: each layer's sums become its means, so no second d_in² matrix per layer exists
-    return {li: KeyStats(li, acc.pop(li).div_(counts[li]).cpu(), counts[li]) for li in layers}
+    out = {}
+    for li in layers:
+        # in place: each layer's sums become its means, so no second d_in² matrix per layer exists
+        out[li] = KeyStats(li, acc.pop(li).full().div_(counts[li]).cpu(), counts[li])
+        release_freed()  # its block rows, which glibc would keep in its heaps beside the next layer's C
+    return out
 
 
 # ------------------------------------------------------------------ cache

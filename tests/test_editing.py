@@ -65,21 +65,22 @@ def spectrum_covariance(d: int, large: int, seed: int = 0) -> tuple[torch.Tensor
 def test_null_space_basis_is_the_small_eigenvalue_eigenspace():
     C, Q_large, Q_small = spectrum_covariance(D_IN, large=8)
     U = null_space_basis(C, tau=2e-2)
-    assert U.shape == (D_IN, D_IN - 8)
+    assert U.shape == (D_IN, D_IN - 8) and U.dtype == torch.float64
     assert torch.allclose(U.T @ U, torch.eye(D_IN - 8, dtype=torch.float64), atol=1e-12)  # orthonormal
     P = projector(U)
-    assert torch.allclose(P, Q_small @ Q_small.T, atol=1e-10)  # the same subspace
-    assert torch.allclose(P @ P, P, atol=1e-12) and torch.allclose(P, P.T)
-    assert torch.allclose(P @ Q_large, torch.zeros_like(Q_large), atol=1e-10)
+    # the same subspace, to the float32 decomposition's accuracy (ε · λ_max / gap ≈ 1e-6 here)
+    assert torch.allclose(P, Q_small @ Q_small.T, atol=1e-5)
+    assert torch.allclose(P @ P, P, atol=1e-12) and torch.allclose(P, P.T)  # a projector to float64 precision
+    assert torch.allclose(P @ Q_large, torch.zeros_like(Q_large), atol=1e-5)
     # τ is relative to λ_max: scaling C does not change the basis
-    assert torch.allclose(projector(null_space_basis(1e6 * C, tau=2e-2)), P, atol=1e-10)
+    assert torch.allclose(projector(null_space_basis(1e6 * C, tau=2e-2)), P, atol=1e-5)
     # τ above every eigenvalue ratio keeps everything; τ below the smallest keeps nothing
     assert null_space_basis(C, tau=1.01).shape == (D_IN, D_IN)
     assert null_space_basis(C, tau=1e-9).shape == (D_IN, 0)
     # absolute τ (AlphaEdit's released code): the eigenvalue itself is compared, so scale matters
     evals = torch.linalg.eigvalsh(C)
     cut = float(evals[D_IN - 8 - 1] + evals[D_IN - 8]) / 2  # between the small and the large eigenvalues
-    assert torch.allclose(projector(null_space_basis(C, tau=cut, relative=False)), P, atol=1e-10)
+    assert torch.allclose(projector(null_space_basis(C, tau=cut, relative=False)), P, atol=1e-5)
     assert null_space_basis(1e6 * C, tau=cut, relative=False).shape == (D_IN, 0)
 
 
@@ -301,12 +302,10 @@ def test_kernel_solve_is_the_papers_update():
         basis, complement = null_space_split(C_spec, tau=2e-2)
         assert complement == (large < D_IN / 2)
         assert basis.shape[1] == min(large, D_IN - large)
-        P = projector(null_space_basis(C_spec, tau=2e-2))
-        assert torch.allclose(
-            torch.eye(D_IN, dtype=torch.float64) - projector(basis) if complement else projector(basis),
-            P,
-            atol=1e-10,
-        )
+        eye = torch.eye(D_IN, dtype=torch.float64)
+        P = eye - projector(basis) if complement else projector(basis)
+        # the same null space as `null_space_basis` (each orthonormalised from the float32 decomposition apart)
+        assert torch.allclose(P, projector(null_space_basis(C_spec, tau=2e-2)), atol=1e-5)
         paper = alphaedit_update(K, R, P, Kp @ Kp.T, 10.0, Kn=Kn)
         ours = alphaedit_kernel_update(K, R, basis, complement, 10.0, Kp, Kn)
         assert torch.allclose(ours, paper, rtol=1e-9, atol=1e-12)
@@ -336,7 +335,7 @@ def test_layer_state_keeps_the_previous_keys_current():
     V, complement = null_space_split(C_spec, tau=2e-2)
     assert complement
     state = LayerState(D_IN, null_basis=V, complement=True)
-    P = projector(null_space_basis(C_spec, tau=2e-2))
+    P = torch.eye(D_IN, dtype=torch.float64) - projector(V)
     cfg = EditConfig()
     first = METHODS["default"].solve(K, R, C, state, cfg)
     assert torch.allclose(first, alphaedit_update(K, R, P, torch.zeros(D_IN, D_IN), cfg.alpha), rtol=1e-9)
@@ -1524,6 +1523,8 @@ def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, mon
         return out
 
     class Recorder:  # stands in for a Hardener: records the δ it is handed, changes nothing
+        simulations = ()
+
         def run(self, editor, requests, values, originals, deltas, keys, timings):
             seen["hardened_from"] = values.delta.clone()
             return deltas, keys, {}

@@ -108,6 +108,25 @@ def test_collect_equals_direct_computation_in_one_pass(lm, corpus_file):
     assert torch.equal(only0[0].C, both[0].C)
 
 
+def test_symmetric_sum_holds_the_upper_block_triangle_and_gives_the_whole_sum():
+    """`SymmetricSum`: block rows [r0:r1, r0:] only (here 4 + 4 + 2 rows of a 10 × 10 sum: 70 of 100 entries), and
+    `full()` is Σ kᵀk of the float32 keys added in float64, exactly symmetric, with the block rows released."""
+    from edit2deploy.moments import SymmetricSum
+
+    g = torch.Generator().manual_seed(0)
+    sums = SymmetricSum(10, block_rows=4)
+    assert [tuple(r.shape) for r in sums.block_rows()] == [(4, 10), (4, 6), (2, 2)]
+    ref = torch.zeros(10, 10, dtype=torch.float64)
+    for tokens in (7, 1, 30):
+        k = torch.randn(tokens, 10, generator=g)
+        sums.add(k)
+        ref += (k.T @ k).double()
+    C = sums.full()
+    assert C.dtype == torch.float64 and torch.equal(C, C.T)
+    assert torch.allclose(C, ref, rtol=1e-6, atol=1e-6)
+    assert sums.block_rows() == []
+
+
 # ================================================================ cache
 def _cached_files(cache_dir):
     return sorted((cache_dir / "stats").rglob("*.safetensors"))

@@ -181,22 +181,29 @@ def alphaedit_kernel_update(
 
 
 def _split_spectrum(C: torch.Tensor, tau: float, relative: bool) -> tuple[torch.Tensor, int]:
-    """C's eigenvectors (eigenvalues ascending) and how many of them are below the threshold."""
-    evals, evecs = torch.linalg.eigh(C.to(torch.float64))
+    """C's eigenvectors (float32, eigenvalues ascending) and how many of them are below the threshold.
+
+    The decomposition runs in float32, as AlphaEdit's released code does: on SmolLM2's statistics it splits the
+    spectrum where float64 does, with the same subspaces (principal cosines ≥ 0.99999), in half the time and half
+    the memory (a 1.5B model's 5,632² C: 0.36 GiB of copy and workspace instead of 0.71)."""
+    evals, evecs = torch.linalg.eigh(C.to(torch.float32))
+    evals = evals.to(torch.float64)
     keep = (evals / evals.max() if relative else evals) < tau
     return evecs, int(keep.sum())
+
+
+def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
+    """A float64 orthonormal basis of the float32 eigenvectors' span (reduced QR), so that U Uᵀ is a projector to
+    float64 precision."""
+    Q, _ = torch.linalg.qr(columns.to(torch.float64))
+    return Q
 
 
 def null_space_basis(C: torch.Tensor, tau: float, relative: bool = True) -> torch.Tensor:
     """Eigenvectors of C whose eigenvalue is < τ · λ_max (`relative`) or < τ (AlphaEdit's released code):
     the directions preserved knowledge barely uses."""
-    return _first_columns(*_split_spectrum(C, tau, relative))
-
-
-def _first_columns(evecs: torch.Tensor, k: int) -> torch.Tensor:
-    # eigenvalues ascend, so the kept ones come first; copied out (after the decomposition's workspace is freed, so
-    # not at its peak) unless they are all of them, so the other d_in − r eigenvectors are not held with the basis
-    return evecs if k == evecs.shape[1] else evecs[:, :k].clone()
+    evecs, k = _split_spectrum(C, tau, relative)
+    return _orthonormal(evecs[:, :k])  # eigenvalues ascend, so the kept ones come first
 
 
 def null_space_split(C: torch.Tensor, tau: float, relative: bool = True) -> tuple[torch.Tensor, bool]:
@@ -204,8 +211,8 @@ def null_space_split(C: torch.Tensor, tau: float, relative: bool = True) -> tupl
     than half of the directions, (V, True) with V the other eigenvectors, P = I − V Vᵀ."""
     evecs, k = _split_spectrum(C, tau, relative)
     if 2 * k > evecs.shape[1]:
-        return evecs[:, k:].clone(), True
-    return _first_columns(evecs, k), False
+        return _orthonormal(evecs[:, k:]), True
+    return _orthonormal(evecs[:, :k]), False
 
 
 def complement_to_basis(V: torch.Tensor) -> torch.Tensor:
