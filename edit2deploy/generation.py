@@ -65,10 +65,7 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
     """The generation probes of the edited facts (see the module docstring)."""
     out: list[GenProbe] = []
     for r in requests:
-        new_a, old_a = r.aliases_of(r.target_new), r.aliases_of(r.target_true or "")
-        out.append(
-            GenProbe(r.id, "completion", r.text, r.target_new, r.target_true, new_a, old_a, subject=r.subject)
-        )
+        out.append(completion_probe(r))
         asked = {
             r.text: "prompt",
             **{p: "paraphrase" for p in r.paraphrases},
@@ -86,6 +83,20 @@ def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
                     GenProbe(r.id, kind, n.prompt, n.answer, None, r.aliases_of(n.answer), (), "neighbour")
                 )
     return out
+
+
+def completion_probe(r: EditRequest) -> GenProbe:
+    """The edited fact's prompt continued as plain text: the new answer expected, the old one not."""
+    return GenProbe(
+        r.id,
+        "completion",
+        r.text,
+        r.target_new,
+        r.target_true,
+        r.aliases_of(r.target_new),
+        r.aliases_of(r.target_true or ""),
+        subject=r.subject,
+    )
 
 
 def chat_probe(r: EditRequest, message: str, source: str = "prompt") -> GenProbe:

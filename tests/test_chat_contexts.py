@@ -207,7 +207,7 @@ def test_retry_chat_counts_an_edit_whose_chat_reply_misses_as_failed(tiny_model_
     """`retry_chat`: an edit whose teacher-forced check passes still counts as failed (and so is retried) while the
     model's greedy chat reply to its prompt does not give the new answer; a reply that gives it does not count;
     a model without a chat template counts only the teacher-forced check."""
-    from edit2deploy.methods.retry import chat_misses, failed_edits
+    from edit2deploy.methods.retry import failed_edits, generated_misses
     from edit2deploy.scoring import TorchScorer
     from edit2deploy.verdicts import Verdict, verdict
 
@@ -227,7 +227,7 @@ def test_retry_chat_counts_an_edit_whose_chat_reply_misses_as_failed(tiny_model_
     assert verdict(reply, said) != Verdict.NEW  # precondition: the chat reply does not give it
     answered = dataclasses.replace(REQUESTS[0], target_new=in_chat, id="chat")
     requests = [passes, answered]
-    assert chat_misses(scorer, requests) == [0]
+    assert generated_misses(scorer, requests, ["chat"]) == [0]
     layers = (0, 1)
     base = EditConfig(method="memit", layers=layers)
     for on, want in ((False, []), (True, [0])):
@@ -235,15 +235,25 @@ def test_retry_chat_counts_an_edit_whose_chat_reply_misses_as_failed(tiny_model_
             lm, dataclasses.replace(base, retry_chat=on), _identity_stats(lm, layers), [], quiet=True
         )
         assert failed_edits(editor, [passes]) == want
+    # `retry_completion`: the plain continuation's own first word is given there, the chat reply's word is not
+    continuation = scorer.complete(text, 24)
+    assert verdict(continuation, in_chat) != Verdict.NEW  # precondition
+    completed = dataclasses.replace(
+        REQUESTS[0], target_new=first_word(continuation), target_true=None, id="completion"
+    )
+    assert generated_misses(scorer, [completed, answered], ["completion"]) == [1]
+    assert generated_misses(scorer, [completed, answered], ["chat", "completion"]) == [0, 1]
+    done = dataclasses.replace(base, retry_completion=True)
+    assert failed_edits(Editor(lm, done, _identity_stats(lm, layers), [], quiet=True), [answered]) == [0]
     lm.tokenizer.chat_template = None
-    assert chat_misses(scorer, requests) == []
+    assert generated_misses(scorer, requests, ["chat"]) == []
 
 
 def test_retry_chat_checks_the_reply_in_each_hardening_simulation(tiny_model_dir):
     """With hardening targets, `retry_chat` also counts an edit as failed while its chat reply misses in a target's
     simulated quantization (here a scheme that zeroes the final norm: every reply loses its answer), and the
     model's weights are its own again afterwards."""
-    from edit2deploy.methods.retry import chat_misses, failed_edits
+    from edit2deploy.methods.retry import failed_edits, generated_misses
     from edit2deploy.probes import probes_for, run_probes
     from edit2deploy.quantsim import Simulation, TensorQuant
     from edit2deploy.scoring import TorchScorer
@@ -259,7 +269,7 @@ def test_retry_chat_checks_the_reply_in_each_hardening_simulation(tiny_model_dir
     ]
     results = run_probes(scorer, probes_for(candidates, ("edit",)))
     answered = next(r for r, res in zip(candidates, results) if res.success)
-    assert chat_misses(scorer, [answered]) == [], reply
+    assert generated_misses(scorer, [answered], ["chat"]) == [], reply
 
     class Silencing:
         target = "test:silent"

@@ -67,6 +67,8 @@ class EditConfig:
     # its prompt (its own template, fp32, and each hardening target's simulated quantization) does not give the new
     # answer (generation.py's verdict).
     retry_chat: bool = False
+    # `retry_completion`: the same for the greedy plain-text continuation of its prompt.
+    retry_completion: bool = False
     # Neighbour keys (methods/neighbours.py): each request's prompt asked about `neighbour_names` other names
     # from the statistics corpus, held at their outputs with this weight per request (‖ΔW Kn‖² in the solve).
     # `neighbour_kept`: they also join the previous keys, so later batches hold them too. 0: as published.

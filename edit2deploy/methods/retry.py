@@ -9,7 +9,8 @@ request whose new target does not beat the true answer (or, without a true answe
 added to the request's δ, and the whole batch is solved again from the pre-batch weights — up to `rounds`
 times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay out of the loop.
 
-With `retry_chat` the greedy chat reply to the edit prompt must give the new answer too, in full precision
+With `retry_chat` the greedy chat reply to the edit prompt must give the new answer too (with `retry_completion`
+its plain greedy continuation), in full precision
 and, when the batch is hardened for deployment targets, in each target's simulated quantization
 (`quantsim.Simulation`): a reply that holds only in full precision often loses its answer in a 4-bit runtime.
 
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
-from ..generation import DEFAULT_GENERATION, chat_probe, generate
+from ..generation import DEFAULT_GENERATION, chat_probe, completion_probe, generate
 from ..models import LoadedModel
 from ..probes import probes_for, run_probes
 from ..quantsim import Simulation
@@ -57,29 +58,36 @@ def failed_edits(
     editor: BatchEditor, requests: Sequence[EditRequest], simulations: Sequence[Simulation] = ()
 ) -> list[int]:
     """Indices of the requests whose edit prompt does not yet give the new target (ES's criterion; with
-    `retry_chat` also whose chat reply misses, in full precision or in any of `simulations`); under torchrun
-    rank 0's list (scored there alone), so every rank takes the same next step."""
+    `retry_chat` / `retry_completion` also whose chat reply / plain continuation misses, in full precision or in
+    any of `simulations`); under torchrun rank 0's list (scored there alone), so every rank takes the same next
+    step."""
     failing = None
     if distributed.is_main():
-        lm = editor.lm
+        lm, cfg = editor.lm, editor.cfg
         scorer = TorchScorer(lm.model, lm.tokenizer)
         results = run_probes(scorer, probes_for(requests, ("edit",)))
         bad = {i for i, r in enumerate(results) if not r.success}
-        if editor.cfg.retry_chat:
-            bad |= set(chat_misses(scorer, requests))
+        kinds = [k for k, on in (("chat", cfg.retry_chat), ("completion", cfg.retry_completion)) if on]
+        if kinds:
+            bad |= set(generated_misses(scorer, requests, kinds))
             for sim in simulations:
                 with sim.applied():
-                    bad |= set(chat_misses(scorer, requests))
+                    bad |= set(generated_misses(scorer, requests, kinds))
         failing = sorted(bad)
     return distributed.broadcast_object(failing)
 
 
-def chat_misses(scorer: TorchScorer, requests: Sequence[EditRequest]) -> list[int]:
-    """Indices of the requests whose greedy chat reply to their prompt (the model's own template, as verify
-    sends it) does not give the new answer; none without a chat template."""
-    probes = [chat_probe(r, r.text) for r in requests]
+def generated_misses(scorer: TorchScorer, requests: Sequence[EditRequest], kinds: Sequence[str]) -> list[int]:
+    """Indices of the requests whose greedy generated answer to their prompt does not give the new answer (verify's
+    verdict rule): `chat`, the reply through the model's own template (none without one); `completion`, the plain
+    continuation."""
+    probes, owner = [], []
+    for i, r in enumerate(requests):
+        for kind in kinds:
+            probes.append(chat_probe(r, r.text) if kind == "chat" else completion_probe(r))
+            owner.append(i)
     got = generate(scorer, probes, DEFAULT_GENERATION)
-    return [i for i, g in enumerate(got) if g.verdict is not None and g.verdict != "new"]
+    return sorted({owner[j] for j, g in enumerate(got) if g.verdict is not None and g.verdict != "new"})
 
 
 def resolve_failed(
