@@ -9,10 +9,10 @@ request whose new target does not beat the true answer (or, without a true answe
 added to the request's δ, and the whole batch is solved again from the pre-batch weights — up to `rounds`
 times. Only the edit prompt is read: paraphrases and neighbourhood prompts stay out of the loop.
 
-With `retry_chat` the greedy chat reply to the edit prompt must give the new answer too (with `retry_completion`
-its plain greedy continuation), in full precision
-and, when the batch is hardened for deployment targets, in each target's simulated quantization
-(`quantsim.Simulation`): a reply that holds only in full precision often loses its answer in a 4-bit runtime.
+With `retry_chat` the greedy chat reply to the edit prompt must give the new answer too (with `retry_completion`,
+its plain greedy continuation), in full precision and, when the batch is hardened for deployment targets, in each
+target's simulated quantization (`quantsim.Simulation`): a reply that holds only in full precision often loses its
+answer in a 4-bit runtime.
 
 Under torchrun rank 0 decides which edits failed (every rank holds the same weights, `Editor.solve`), the
 ranks share their re-optimisation (`shared_values`) and rank 0 re-solves.
@@ -100,8 +100,8 @@ def resolve_failed(
     rounds: int,
     simulations: Sequence[Simulation] = (),
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor, dict]:
-    """Up to `rounds` re-solves of the batch with more δ for its failed edits (`simulations`: the targets whose
-    simulated chat replies `retry_chat` checks too); returns the deltas and keys as applied, the δ they were
+    """Up to `rounds` re-solves of the batch with more δ for its failed edits (`simulations`: the targets in whose
+    simulated quantization `retry_chat` / `retry_completion` check the generated answers too); returns the deltas and keys as applied, the δ they were
     solved for, and a ledger record (`rounds`: the request ids retried in each; `failed`: those still failing)."""
     ids = [r.id for r in requests]
     delta = values.delta.clone()
