@@ -9,32 +9,40 @@
 
 Each text gets a verdict (`verdicts.verdict`): new / old / neither; a neighbourhood text is kept when it mentions
 its answer. The same probes run in every place verify scores (edited fp32, the artifact, unedited fp32, the
-paired baseline), so generated verdicts can be compared like teacher-forced ones.
+paired baseline), so generated verdicts can be compared like teacher-forced ones. Greedy text is stopped once its
+verdict is settled (`verdicts.settled`: nothing the model writes next can change it), so a reply that gives an answer
+early costs a few tokens, not the whole budget; a reply that gives none runs to its length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .requests import EditRequest
-from .verdicts import Verdict, verdict
+from .verdicts import Verdict, settled, verdict
 
 GEN_KINDS = ("completion", "chat", "neighborhood", "neighborhood_chat")
 CHAT_KINDS = ("chat", "neighborhood_chat")  # sent through the chat template
 KEPT, LOST = "kept", "lost"  # the verdicts of a neighbourhood text
 
 
+# Called with the text generated so far; True stops that text there (greedy decoding: the rest is not needed).
+StopRule = Callable[[str], bool]
+
+
 @runtime_checkable
 class TextGenerator(Protocol):
     """A runtime that generates text greedily (every scorer of a deployment format is one)."""
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
-        """The greedy continuation of `prompt` as plain text."""
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
+        """The greedy continuation of `prompt` as plain text (stopped early once `until` says so)."""
         ...
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int, until: StopRule | None = None
+    ) -> str | None:
         """The greedy assistant reply through the model's own chat template; None when it has none."""
         ...
 
@@ -43,6 +51,7 @@ class TextGenerator(Protocol):
 class GenerationSettings:
     completion_tokens: int = 24
     chat_tokens: int = 48
+    settle: bool = True  # stop each text once its verdict is settled (False: every text runs to its length)
 
 
 DEFAULT_GENERATION = GenerationSettings()
@@ -59,6 +68,25 @@ class GenProbe:
     other_aliases: tuple[str, ...] = ()
     source: str = "prompt"  # what was asked: the edit prompt, a paraphrase, a question, a neighbour prompt
     subject: str | None = None  # the edited fact's subject: words restating it are not answers
+
+    def until(self) -> Settled:
+        """The rule that stops this probe's text once its verdict is settled."""
+        return Settled(self.expected, self.other, self.expected_aliases, self.other_aliases, self.subject)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A `StopRule`: the text's verdict between these answers is settled (`verdicts.settled`). A value, so a cache
+    of generated texts can key on it."""
+
+    new: str
+    old: str | None = None
+    new_aliases: tuple[str, ...] = ()
+    old_aliases: tuple[str, ...] = ()
+    subject: str | None = None
+
+    def __call__(self, text: str) -> bool:
+        return settled(text, self.new, self.old, self.new_aliases, self.old_aliases, self.subject)
 
 
 def generation_probes(requests: Sequence[EditRequest]) -> list[GenProbe]:
@@ -141,20 +169,25 @@ def generate(gen: TextGenerator, probes: Sequence[GenProbe], settings: Generatio
     """Run every probe in one runtime, greedily (batched where the runtime offers `complete_many`/`chat_many`)."""
     chats = [i for i, p in enumerate(probes) if p.kind in CHAT_KINDS]
     plain = [i for i, p in enumerate(probes) if p.kind not in CHAT_KINDS]
+
+    def rules(idx: list[int]) -> list[StopRule | None]:
+        return [probes[i].until() if settings.settle else None for i in idx]
+
     conversations = [[{"role": "user", "content": probes[i].text}] for i in chats]
-    texts = dict(zip(chats, _each(gen, "chat", conversations, settings.chat_tokens)))
-    texts.update(
-        zip(plain, _each(gen, "complete", [probes[i].text for i in plain], settings.completion_tokens))
-    )
+    texts = dict(zip(chats, _each(gen, "chat", conversations, settings.chat_tokens, rules(chats))))
+    prompts = [probes[i].text for i in plain]
+    texts.update(zip(plain, _each(gen, "complete", prompts, settings.completion_tokens, rules(plain))))
     return [judge(p, texts[i]) for i, p in enumerate(probes)]
 
 
-def _each(gen: TextGenerator, method: str, items: list, max_new_tokens: int) -> list[str | None]:
+def _each(
+    gen: TextGenerator, method: str, items: list, max_new_tokens: int, until: list[StopRule | None]
+) -> list[str | None]:
     """`gen.<method>_many(items)` where the runtime batches, else one `gen.<method>(item)` at a time."""
     many = getattr(gen, f"{method}_many", None)
     if many is not None:
-        return many(items, max_new_tokens)
-    return [getattr(gen, method)(item, max_new_tokens) for item in items]
+        return many(items, max_new_tokens, until)
+    return [getattr(gen, method)(item, max_new_tokens, u) for item, u in zip(items, until, strict=True)]
 
 
 @dataclass

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from .arch import head_logits, input_device
+
+if TYPE_CHECKING:
+    from .generation import StopRule
 
 
 @dataclass(frozen=True)
@@ -208,14 +211,24 @@ class TorchScorer:
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _greedy(self, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        """Greedy continuations of token sequences, batched (left-padded, positions from the mask)."""
+    def _greedy(
+        self,
+        seqs: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        until: Sequence[StopRule | None] | None = None,
+    ) -> list[str]:
+        """Greedy continuations of token sequences, batched (left-padded, positions from the mask); a row with a stop
+        rule ends once the rule holds for its text (a batch runs until its last row ends)."""
+        from transformers import StoppingCriteriaList
+
         device = input_device(self.model)
+        until = list(until) if until is not None else [None] * len(seqs)
         out: list[str] = [""] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             ids, mask, _, _ = pad_batch([list(seqs[i]) for i in chunk], self.pad_id, "left")
+            rules = RowStops(self.tokenizer, ids.shape[1], [until[i] for i in chunk])
             gen = self.model.generate(
                 ids.to(device),
                 attention_mask=mask.to(device),
@@ -225,18 +238,25 @@ class TorchScorer:
                 top_k=None,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([rules]) if rules.active else None,
             )
             for row, i in enumerate(chunk):
-                out[i] = self.tokenizer.decode(gen[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
+                new = gen[row, ids.shape[1] :].tolist()[: rules.length[row]]
+                out[i] = self.tokenizer.decode(new, skip_special_tokens=True)
         return out
 
-    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def complete_many(
+        self, prompts: Sequence[str], max_new_tokens: int, until: Sequence[StopRule | None] | None = None
+    ) -> list[str]:
         """Greedy plain-text continuations (each prompt with the tokenizer's own special tokens, as scored)."""
         seqs = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        return self._greedy(seqs, max_new_tokens)
+        return self._greedy(seqs, max_new_tokens, until)
 
     def chat_many(
-        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        max_new_tokens: int,
+        until: Sequence[StopRule | None] | None = None,
     ) -> list[str | None]:
         """Greedy replies through the tokenizer's chat template (`apply_chat_template`); None without one."""
         if not getattr(self.tokenizer, "chat_template", None):
@@ -246,14 +266,35 @@ class TorchScorer:
             for m in conversations
         ]
         return self._greedy(
-            [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], max_new_tokens
+            [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], max_new_tokens, until
         )
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
-        return self.complete_many([prompt], max_new_tokens)[0]
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
+        return self.complete_many([prompt], max_new_tokens, [until])[0]
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
-        return self.chat_many([messages], max_new_tokens)[0]
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int, until: StopRule | None = None
+    ) -> str | None:
+        return self.chat_many([messages], max_new_tokens, [until])[0]
+
+
+class RowStops:
+    """A transformers stopping criterion (called with the ids so far, returns one flag per row): row r is done once
+    `rules[r]` holds for its decoded new text; `length[r]` is how many new tokens it kept (the rest is padding)."""
+
+    def __init__(self, tokenizer, prompt_len: int, rules: Sequence[StopRule | None]):
+        self.tokenizer, self.prompt_len, self.rules = tokenizer, prompt_len, list(rules)
+        self.length: list[int | None] = [None] * len(self.rules)
+        self.active = any(r is not None for r in self.rules)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        n = input_ids.shape[1] - self.prompt_len
+        for row, rule in enumerate(self.rules):
+            if rule is not None and self.length[row] is None:
+                new = input_ids[row, self.prompt_len :].tolist()
+                if rule(self.tokenizer.decode(new, skip_special_tokens=True)):
+                    self.length[row] = n
+        return torch.tensor([x is not None for x in self.length], device=input_ids.device)
 
 
 def prob(logprob: float) -> float:

@@ -11,6 +11,8 @@ symbols read as spaces, whitespace collapsed), or an alias of it does.
 When both start at the same word, the longer match counts (the more specific answer). Words that restate the
 fact's subject are not mentions of an answer: "BMW 326 is produced by Sony" gives the new answer of "BMW 326,
 produced by" (old answer BMW), since a reply that restates the question names its subject.
+
+Greedy generation may stop as soon as a text's verdict is `settled`: what the model writes next cannot change it.
 """
 
 from __future__ import annotations
@@ -90,3 +92,38 @@ def verdict(
     if at_new is not None:
         return Verdict.NEW
     return Verdict.NEITHER
+
+
+def settled(
+    text: str,
+    new: str,
+    old: str | None = None,
+    new_aliases: Sequence[str] = (),
+    old_aliases: Sequence[str] = (),
+    subject: str | None = None,
+) -> bool:
+    """Whether no continuation of `text` can change its verdict: an answer is mentioned in its finished words (the
+    last word may still grow, so it does not count) and they run on far enough past the first mention that no
+    phrase completed later (an answer, an alias, the masked subject; at most `longest` words, each holding a word
+    still to come) can start at or before the mention's last word. Until then, and for a verdict of neither, the
+    text is not settled."""
+    end = len(text)
+    while end and unicodedata.category(text[end - 1])[0] not in "PSZC":
+        end -= 1  # an unfinished last word: "Rome" may still become "Romeo"
+    head = text[:end]
+    masked = (subject,) if subject else ()
+    found = [
+        m
+        for m in (
+            first_mention(head, new, new_aliases, masked),
+            first_mention(head, old, old_aliases, masked) if old else None,
+        )
+        if m is not None
+    ]
+    if not found:
+        return False
+    start, minus_n = min(found)
+    phrases = (new, *new_aliases, *((old, *old_aliases) if old else ()), *masked)
+    longest = max(len(words(p)) for p in phrases)
+    # a later phrase holds a word past the finished ones, so it starts at ≥ finished − longest + 1
+    return start - minus_n - 1 < len(words(head)) - longest + 1

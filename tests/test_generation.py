@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edit2deploy.formats import get_format
-from edit2deploy.generation import check_generation, generation_probes, judge
+from edit2deploy.generation import GenerationSettings, check_generation, generation_probes, judge
 from edit2deploy.models import open_model
 from edit2deploy.requests import EditRequest, Neighbor
 from edit2deploy.scoring import TorchScorer
@@ -68,10 +68,10 @@ class _Canned:
     def __init__(self, replies: dict[str, str]):
         self.replies = replies
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
+    def complete(self, prompt: str, max_new_tokens: int, until=None) -> str:
         return self.replies.get(prompt, "")
 
-    def chat(self, messages, max_new_tokens: int) -> str | None:
+    def chat(self, messages, max_new_tokens: int, until=None) -> str | None:
         return self.replies.get(messages[-1]["content"], "")
 
 
@@ -133,12 +133,30 @@ def test_torch_completion_and_chat(tiny, tiny_no_template):
     assert _torch(tiny_no_template).chat([{"role": "user", "content": "hi"}], 8) is None
 
 
+def _first_word(text: str) -> bool:
+    """A stop rule: the first non-blank text ends the generation."""
+    return bool(text.strip())
+
+
+def test_a_stop_rule_ends_its_row_early_and_leaves_the_others_alone(tiny):
+    """`until`: a row ends once its rule holds, keeping the text up to there (a prefix of the full greedy text); a
+    row without a rule in the same batch generates its whole length."""
+    sc = _torch(tiny)
+    full, other = sc.complete(REQ.text, 8), sc.complete("Paris is", 8)
+    short, whole = sc.complete_many([REQ.text, "Paris is"], 8, [_first_word, None])
+    assert short.strip() and full.startswith(short) and len(short) < len(full)
+    assert whole == other
+    assert sc.chat([{"role": "user", "content": REQ.text}], 8, _first_word).strip()
+
+
 @needs_llama
 def test_llamacpp_generates_like_torch_and_skips_chat_without_a_template(tiny, tiny_no_template, tmp_path):
     gguf = get_format("gguf")
     with gguf.scorer(gguf.export(tiny, tmp_path / "t.gguf", "F32")) as sc:
         assert sc.complete(REQ.text, 8) == _torch(tiny).complete(REQ.text, 8)  # F32: the same greedy tokens
         assert isinstance(sc.chat([{"role": "user", "content": REQ.text}], 8), str)
+        asked, rules = [REQ.text, "Paris is"], [_first_word, None]
+        assert sc.complete_many(asked, 8, rules) == _torch(tiny).complete_many(asked, 8, rules)
     with gguf.scorer(gguf.export(tiny_no_template, tmp_path / "n.gguf", "F32")) as sc:
         assert sc.chat([{"role": "user", "content": "hi"}], 8) is None
         check = check_generation([REQ], {"fp32": _torch(tiny_no_template), "artifact": sc})
@@ -157,6 +175,7 @@ def test_onnxruntime_genai_generates_like_torch(tiny, tmp_path):
     onnx = get_format("onnx")
     sc = onnx.scorer(onnx.export(tiny, tmp_path / "o", "fp32"))
     assert sc.complete(REQ.text, 8) == _torch(tiny).complete(REQ.text, 8)
+    assert sc.complete(REQ.text, 8, _first_word) == _torch(tiny).complete(REQ.text, 8, _first_word)
     assert isinstance(sc.chat([{"role": "user", "content": REQ.text}], 8), str)
 
 
@@ -176,11 +195,16 @@ def test_smollm2_knows_paris_in_torch_and_llamacpp(smollm2_dir, tmp_path):
     """Unedited SmolLM2 says Paris in a completion and a chat reply, in torch and in its Q8_0 GGUF: the verdict
     of the counterfactual 'Rome' edit is 'old' everywhere."""
     gguf = get_format("gguf")
+    full = GenerationSettings(settle=False)
     with gguf.scorer(gguf.export(smollm2_dir, tmp_path / "m.gguf", "Q8_0")) as sc:
-        check = check_generation([FACT], {"fp32": _torch(smollm2_dir), "artifact": sc})
+        places = {"fp32": _torch(smollm2_dir), "artifact": sc}
+        check = check_generation([FACT], places)
+        whole = check_generation([FACT], places, full)
     for place in ("fp32", "artifact"):
         completion, chat = (r.by[place] for r in check.rows)
         print(place, completion, chat)
         assert completion.verdict == "old" and "Paris" in completion.text
         assert chat.verdict == "old" and "Paris" in chat.text
+        for settled, row in zip((completion, chat), whole.rows, strict=True):  # stopped once settled
+            assert row.by[place].verdict == settled.verdict and row.by[place].text.startswith(settled.text)
     assert check.survival == 1.0

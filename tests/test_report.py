@@ -22,7 +22,7 @@ from edit2deploy.errors import UsageError
 from edit2deploy.formats import FORMATS, Artifact, Protection, Target, parse_targets
 from edit2deploy.formats.gguf.modelfile import CHATML_GO_TEMPLATE, chatml_default_system, modelfile_text
 from edit2deploy.gates import Gates, Perplexity
-from edit2deploy.generation import check_generation
+from edit2deploy.generation import Settled, check_generation
 from edit2deploy.ops.report import build_report
 from edit2deploy.ops.results import RunResult, TargetResult
 from edit2deploy.ops.scores import CachedScorer, HeldOut, heldout_pairs, load_heldout
@@ -65,10 +65,10 @@ class _Says:
     def __init__(self, text: str):
         self.text = text
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
+    def complete(self, prompt: str, max_new_tokens: int, until=None) -> str:
         return self.text
 
-    def chat(self, messages, max_new_tokens: int) -> str:
+    def chat(self, messages, max_new_tokens: int, until=None) -> str:
         return self.text
 
 
@@ -508,6 +508,41 @@ def test_cached_scorer_remembers_on_disk_and_opens_lazily(tmp_path):
     store.write_text("{damaged")
     CachedScorer(factory, store, {"weights": "abc"}).score([("a", " x")])
     assert len(made) == 3
+
+
+class _Writer:
+    """A text generator that counts what it is asked and answers with its prompt and the rule it was given."""
+
+    def __init__(self):
+        self.asked = []
+
+    def complete_many(self, prompts, max_new_tokens, until=None):
+        self.asked.extend(prompts)
+        return [f"{p}|{u is not None}" for p, u in zip(prompts, until or [None] * len(prompts))]
+
+
+def test_cached_scorer_remembers_texts_per_stop_rule(tmp_path):
+    """A generated text is remembered with the stop rule it was generated under: the same `Settled` rule reuses it
+    (on disk too), another rule or none generates again, and a rule that is not a value is never remembered."""
+    store = tmp_path / "s.json"
+    made = []
+
+    def factory():
+        made.append(_Writer())
+        return made[-1]
+
+    rome, paris = Settled("Rome", "Paris"), Settled("Paris", "Rome")
+    s = CachedScorer(factory, store, {"weights": "abc"})
+    assert s.complete_many(["a", "b"], 8, [rome, None]) == ["a|True", "b|False"]
+    assert s.complete("a", 8, rome) == "a|True" and made[0].asked == ["a", "b"]
+    s.complete_many(["a", "a"], 8, [paris, None])
+    s.complete("a", 8, lambda text: False)
+    s.complete("a", 8, lambda text: False)
+    assert made[0].asked == ["a", "b", "a", "a", "a", "a"]
+    s.close()
+    again = CachedScorer(factory, store, {"weights": "abc"})
+    assert again.complete_many(["b", "a", "a"], 8, [None, rome, paris]) == ["b|False", "a|True", "a|True"]
+    assert not again.opened
 
 
 def test_demo_edits_are_the_example_edits():

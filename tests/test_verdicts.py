@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from edit2deploy.verdicts import Verdict, mentions, verdict, words
+from edit2deploy.verdicts import Verdict, mentions, settled, verdict, words
 
 
 def test_words_normalise_case_width_punctuation_and_spaces():
@@ -58,3 +60,43 @@ def test_words_restating_the_subject_are_not_answers():
     assert verdict("BMW 326 is produced by Sony.", "Sony", "BMW") is Verdict.OLD  # no subject given
     # the subject's words count only as a whole phrase
     assert verdict("BMW makes it; Sony sells it", "Sony", "BMW", subject="BMW 326") is Verdict.OLD
+
+
+def test_settled_waits_for_finished_words_past_the_first_mention():
+    """A verdict is settled once the answer's word is finished and enough words follow it that no phrase still being
+    written (here the two-word subject) could start at or before it."""
+    args = ("Rome", "Paris", (), (), "Eiffel Tower")
+    assert not settled("It is in Rom", *args)
+    assert not settled("It is in Rome", *args)  # "Rome" may still become "Romeo"
+    assert not settled(
+        "It is in Rome, a", *args
+    )  # "a" unfinished: one finished word after Rome is not enough
+    assert settled("It is in Rome, a c", *args)  # "a" finished: a later two-word phrase starts after Rome
+    assert settled("Paris, of course. The", *args)  # the old answer settles the same way
+    assert not settled("It is a tower in a city of the", *args)  # no answer yet: neither is never settled
+    assert not settled("New", "New York", "York") and not settled("New York", "New York", "York")
+    assert settled("New York is big", "New York", "York")
+
+
+def test_a_settled_verdict_is_the_verdict_of_every_longer_text():
+    """The property early stopping relies on: once a prefix of a text is settled, every longer prefix (and the
+    whole text) has the same verdict — over many random texts mixing answer words, their parts and the subject."""
+    rng = random.Random(0)
+    vocab = ["new", "york", "city", "paris", "hilton", "rome", "romeo", "the", "is", "in", ",", ".", " "]
+    cases = [
+        ("New York", "York", ("NYC",), (), "Paris Hilton"),
+        ("Rome", "Paris", (), ("Paris city",), None),  # "rome" may grow into "romeo"
+        ("York", "New York City", (), (), None),  # an earlier-starting answer completed later
+        ("Paris", "Rome", (), (), "Paris Hilton"),  # a mention the subject, completed later, covers
+    ]
+    checked = 0
+    for _ in range(600):
+        text = "".join(rng.choice(vocab) + rng.choice(["", " ", " "]) for _ in range(rng.randint(1, 14)))
+        for case in cases:
+            final = verdict(text, *case)
+            for k in range(len(text) + 1):
+                if settled(text[:k], *case):
+                    assert all(verdict(text[:j], *case) == final for j in range(k, len(text) + 1)), (text, k)
+                    checked += 1
+                    break
+    assert checked > 300  # the property was exercised, not vacuous

@@ -3,23 +3,25 @@ scores of a model or artifact on disk so a rerun whose inputs did not change ope
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UsageError
 from ..formats import Artifact, Format
+from ..generation import StopRule
 from ..models import cache_root, open_model
 from ..scoring import Scored, Scorer, TorchScorer
 
 HELDOUT_RESOURCE = "data/heldout.txt"
-SCORES_VERSION = 3  # 2: generated texts remembered too; 3: a checksum of the content
+# 2: generated texts remembered too; 3: a checksum of the content; 4: texts keyed by their stop rule
+SCORES_VERSION = 4
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -46,7 +48,7 @@ def heldout_pairs(text: str, max_pairs: int = 16) -> list[tuple[str, str]]:
     return pairs
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HeldOut:
     source: str  # "package:edit2deploy/data/heldout.txt" or a file path
     pairs: tuple[tuple[str, str], ...]
@@ -66,6 +68,15 @@ def load_heldout(path: str | Path | None = None) -> HeldOut:
     if not pairs:
         raise UsageError(f"--heldout {source}: no paragraph with two or more sentences")
     return HeldOut(source, tuple(pairs))
+
+
+def _text_key(kind: str, item: object, n: int, until: StopRule | None) -> str | None:
+    """The cache key of a generated text; None for a stop rule that is not a dataclass value."""
+    if until is None:
+        return json.dumps([kind, item, n])
+    if not dataclasses.is_dataclass(until):
+        return None
+    return json.dumps([kind, item, n, dataclasses.asdict(until)])
 
 
 class OpenSlot:
@@ -139,44 +150,48 @@ class CachedScorer:
             self._dirty = True
         return [self._memo[tuple(p)] for p in pairs]
 
-    def _generated(self, key: list, make: Callable[[], str | None]) -> str | None:
-        k = json.dumps(key)
-        if k not in self._texts:
-            self._texts[k] = make()
-            self._dirty = True
-        return self._texts[k]
+    def _generated_many(
+        self, kind: str, items: list, n: int, until: Sequence[StopRule | None] | None = None
+    ) -> list:
+        """Generated texts, remembered per (kind, prompt or conversation, length, stop rule). A stop rule that is not a
+        value (`generation.Settled` is one) cannot be remembered: such an item is generated every time."""
+        until = list(until) if until is not None else [None] * len(items)
+        keys = [_text_key(kind, item, n, u) for item, u in zip(items, until, strict=True)]
+        todo = [i for i, k in enumerate(keys) if k is None or k not in self._texts]
+        if not todo:
+            return [self._texts[k] for k in keys]
+        many = getattr(self.inner, f"{kind}_many", None)
+        asked, rules = [items[i] for i in todo], [until[i] for i in todo]
+        got = (
+            many(asked, n, rules)
+            if many
+            else [getattr(self.inner, kind)(item, n, u) for item, u in zip(asked, rules, strict=True)]
+        )
+        fresh = dict(zip(todo, got, strict=True))
+        self._texts.update({keys[i]: g for i, g in fresh.items() if keys[i] is not None})
+        self._dirty = True
+        return [fresh[i] if i in fresh else self._texts[k] for i, k in enumerate(keys)]
 
-    def _generated_many(self, kind: str, items: list, n: int, many: str, one: str) -> list:
-        keys = [json.dumps([kind, item, n]) for item in items]
-        todo = [i for i, k in enumerate(keys) if k not in self._texts]
-        if todo:
-            batch = getattr(self.inner, many, None)
-            got = (
-                batch([items[i] for i in todo], n)
-                if batch
-                else [getattr(self.inner, one)(items[i], n) for i in todo]
-            )
-            self._texts.update({keys[i]: g for i, g in zip(todo, got)})
-            self._dirty = True
-        return [self._texts[k] for k in keys]
-
-    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        return self._generated_many("complete", list(prompts), max_new_tokens, "complete_many", "complete")
+    def complete_many(
+        self, prompts: Sequence[str], max_new_tokens: int, until: Sequence[StopRule | None] | None = None
+    ) -> list[str]:
+        return self._generated_many("complete", list(prompts), max_new_tokens, until)
 
     def chat_many(
-        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        max_new_tokens: int,
+        until: Sequence[StopRule | None] | None = None,
     ) -> list[str | None]:
-        return self._generated_many("chat", list(conversations), max_new_tokens, "chat_many", "chat")
+        return self._generated_many("chat", list(conversations), max_new_tokens, until)
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
-        return self._generated(
-            ["complete", prompt, max_new_tokens], lambda: self.inner.complete(prompt, max_new_tokens)
-        )
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
+        return self._generated_many("complete", [prompt], max_new_tokens, [until])[0]
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
-        return self._generated(
-            ["chat", messages, max_new_tokens], lambda: self.inner.chat(messages, max_new_tokens)
-        )
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int, until: StopRule | None = None
+    ) -> str | None:
+        return self._generated_many("chat", [messages], max_new_tokens, [until])[0]
 
     def _load(self) -> None:
         if not self.store.is_file():

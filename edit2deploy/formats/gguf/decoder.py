@@ -4,7 +4,7 @@ unfinished sequence in one batch instead of one sequence at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +87,15 @@ class StreamDecoder:
         return np.concatenate(out) if out else np.empty((0, self.n_vocab), np.float32)
 
 
-def greedy_rows(dec: StreamDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+def greedy_rows(
+    dec: StreamDecoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    done: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
     """Greedy (argmax) continuation ids of each prompt, all decoded together in `dec` (one stream per prompt, at
-    most as many prompts as it has streams); a row ends at an end-of-generation token (not kept) or its length."""
+    most as many prompts as it has streams); a row ends at an end-of-generation token (not kept), at its length,
+    or once `done(row, its ids so far)` holds — and leaves the batch, so later steps decode only the rows left."""
     lc = dec.lc
     dec.clear()
     logits = dec.decode([(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
@@ -101,7 +107,7 @@ def greedy_rows(dec: StreamDecoder, prompts: Sequence[Sequence[int]], max_new_to
             if lc.llama_vocab_is_eog(dec.vocab, t):
                 continue
             out[s].append(t)
-            if len(out[s]) < max_new_tokens:
+            if len(out[s]) < max_new_tokens and not (done is not None and done(s, out[s])):
                 going.append(s)
         live = going
         if live:

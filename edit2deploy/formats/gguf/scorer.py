@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from edit2deploy.scoring import Scored
 
 from .decoder import MAX_STREAMS, StreamDecoder, greedy_rows
 from .quant import captured_stderr, require_llama_cpp
+
+if TYPE_CHECKING:
+    from edit2deploy.generation import StopRule
 
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
 _LOAD_LOCK = threading.Lock()
@@ -237,22 +240,31 @@ class LlamaCppScorer:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
-        return self.complete_many([prompt], max_new_tokens)[0]
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
+        return self.complete_many([prompt], max_new_tokens, [until])[0]
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 48) -> str | None:
-        return self.chat_many([messages], max_new_tokens)[0]
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int = 48, until: StopRule | None = None
+    ) -> str | None:
+        return self.chat_many([messages], max_new_tokens, [until])[0]
 
-    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def complete_many(
+        self, prompts: Sequence[str], max_new_tokens: int, until: Sequence[StopRule | None] | None = None
+    ) -> list[str]:
         """Greedy plain-text continuations (each prompt with the GGUF's BOS rule, as scored)."""
         ids = [self._llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in prompts]
-        return [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens)]
+        rules = list(until) if until is not None else [None] * len(ids)
+        return [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens, rules, [()] * len(ids))]
 
     def chat_many(
-        self, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int = 48
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        max_new_tokens: int = 48,
+        until: Sequence[StopRule | None] | None = None,
     ) -> list[str | None]:
         """Greedy replies through the GGUF's own chat template (`tokenizer.chat_template`, rendered and tokenized as
-        llama-cpp-python's chat completion does); None without one."""
+        llama-cpp-python's chat completion does, which also ends a reply at the template's stop strings); None
+        without one."""
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             return [None] * len(conversations)
@@ -274,18 +286,27 @@ class LlamaCppScorer:
                 self._llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
             )
             stops.append(
-                [] if res.stop is None else [res.stop] if isinstance(res.stop, str) else list(res.stop)
+                () if res.stop is None else (res.stop,) if isinstance(res.stop, str) else tuple(res.stop)
             )
-        texts = [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens)]
+        rules = list(until) if until is not None else [None] * len(ids)
+        texts = [self.detokenize(r) for r in self._greedy_many(ids, max_new_tokens, rules, stops)]
         return [_cut_at(text, stop) for text, stop in zip(texts, stops, strict=True)]
 
-    def _greedy_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def _greedy_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        until: Sequence[StopRule | None],
+        stops: Sequence[Sequence[str]],
+    ) -> list[list[int]]:
         """Greedy continuation ids of many prompts, decoded together: one KV stream per prompt in a context of its
         own on the same GGUF, so each step evaluates every unfinished row in one batch rather than one row at a
-        time (the KV cache in this scorer's type)."""
+        time (the KV cache in this scorer's type). A row ends early once its text holds one of its `stops` strings
+        or its rule in `until` holds for the text before them."""
         out: list[list[int]] = []
         for start in range(0, len(prompts), MAX_STREAMS):
             part = [list(p) for p in prompts[start : start + MAX_STREAMS]]
+            done = self._row_done(until[start : start + MAX_STREAMS], stops[start : start + MAX_STREAMS])
             n_ctx = max(len(p) for p in part) + max_new_tokens + 1
             threads = self.n_threads or default_threads()
             # as this scorer's own context computes (`Llama` turns flash attention off unless asked)
@@ -293,10 +314,24 @@ class LlamaCppScorer:
                 self.path, len(part), n_ctx, threads, kv_type=KV_TYPES[self.kv_type], flash_attn=False
             )
             try:
-                out.extend(greedy_rows(dec, part, max_new_tokens))
+                out.extend(greedy_rows(dec, part, max_new_tokens, done))
             finally:
                 dec.close()
         return out
+
+    def _row_done(
+        self, rules: Sequence[StopRule | None], stops: Sequence[Sequence[str]]
+    ) -> Callable[[int, list[int]], bool]:
+        """`greedy_rows`'s `done`: the row's text holds a stop string, or its rule holds for the text before it."""
+
+        def done(row: int, ids: list[int]) -> bool:
+            if rules[row] is None and not stops[row]:
+                return False
+            text = self.detokenize(ids)
+            cut = _cut_at(text, stops[row])
+            return cut != text or (rules[row] is not None and rules[row](cut))
+
+        return done
 
 
 def _cut_at(text: str, stops: Sequence[str]) -> str:

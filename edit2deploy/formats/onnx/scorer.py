@@ -20,13 +20,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edit2deploy.errors import UsageError
 from edit2deploy.models import read_chat_template
 from edit2deploy.scoring import Scored, pad_id
+
+if TYPE_CHECKING:
+    from edit2deploy.generation import StopRule
 
 GENAI_CONFIG = "genai_config.json"
 PROVIDERS = ("cpu", "cuda")
@@ -151,24 +154,29 @@ class GenAIScorer:
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         return np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(len(ids), -1)
 
-    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+    def _greedy(self, ids: Sequence[int], max_new_tokens: int, until: StopRule | None = None) -> str:
+        """The greedy continuation of `ids`, ended at end of generation, its length, or once `until` holds."""
         gen = self._generator(len(ids) + max_new_tokens)
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        eos = {int(t) for t in np.atleast_1d(self.tokenizer.eos_token_ids)}
         out: list[int] = []
         while len(out) < max_new_tokens and not gen.is_done():
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
-        eos = {int(t) for t in np.atleast_1d(self.tokenizer.eos_token_ids)}
+            if until is not None and until(self.decode([t for t in out if t not in eos])):
+                break
         return self.decode([t for t in out if t not in eos])
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
         """Greedy plain-text continuation (the prompt encoded as scored)."""
         ids = self.encode(prompt)
         if self.prompt_prefix and ids[: len(self.prompt_prefix)] != self.prompt_prefix:
             ids = self.prompt_prefix + ids
-        return self._greedy(ids, max_new_tokens)
+        return self._greedy(ids, max_new_tokens, until)
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int, until: StopRule | None = None
+    ) -> str | None:
         """Greedy reply through the chat template onnxruntime-genai reads from the model directory; None when the
         directory's tokenizer has none."""
         template = read_chat_template(self.model_dir)
@@ -177,7 +185,7 @@ class GenAIScorer:
         text = self.tokenizer.apply_chat_template(
             json.dumps(messages), template_str=template, add_generation_prompt=True
         )
-        return self._greedy(self.encode(text), max_new_tokens)
+        return self._greedy(self.encode(text), max_new_tokens, until)
 
     def _generator(self, max_length: int):
         params = self.og.GeneratorParams(self.model)
@@ -274,28 +282,33 @@ class OrtScorer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def _greedy(self, ids: Sequence[int], max_new_tokens: int) -> str:
+    def _greedy(self, ids: Sequence[int], max_new_tokens: int, until: StopRule | None = None) -> str:
         ids, out = list(ids), []
         eos = self.tokenizer.eos_token_id
-        for _ in range(
-            max_new_tokens
-        ):  # no KV cache in this graph: the whole sequence each step (short texts)
+        # no KV cache in this graph: the whole sequence each step (short texts)
+        for _ in range(max_new_tokens):
             nxt = int(np.argmax(self.logits(ids)[-1]))
             if nxt == eos:
                 break
             out.append(nxt)
             ids.append(nxt)
+            if until is not None and until(self.tokenizer.decode(out, skip_special_tokens=True)):
+                break
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
-    def complete(self, prompt: str, max_new_tokens: int) -> str:
-        return self._greedy(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], max_new_tokens)
+    def complete(self, prompt: str, max_new_tokens: int, until: StopRule | None = None) -> str:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self._greedy(ids, max_new_tokens, until)
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> str | None:
+    def chat(
+        self, messages: list[dict[str, str]], max_new_tokens: int, until: StopRule | None = None
+    ) -> str | None:
         """Greedy reply through the tokenizer's chat template; None without one."""
         if not getattr(self.tokenizer, "chat_template", None):
             return None
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._greedy(self.tokenizer(text, add_special_tokens=False)["input_ids"], max_new_tokens)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._greedy(ids, max_new_tokens, until)
 
     def _feed(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feed: dict[str, np.ndarray] = {}
