@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from .arch import head_logits, input_device
@@ -41,6 +42,26 @@ class Scored:
     def greedy_matches(self) -> bool:
         """Greedy decoding would produce exactly the target tokens."""
         return tuple(self.greedy_ids) == tuple(self.target_ids)
+
+
+def scored_from_logits(p_ids: Sequence[int], c_ids: Sequence[int], logits: np.ndarray) -> Scored:
+    """The `Scored` of a continuation from its logits rows (one per continuation token, the row predicting it), as
+    the numpy runtimes (llama.cpp, onnxruntime) give them: log p(token) = its logit − logsumexp(row). The
+    exponentials are taken in float32 and summed in float64, so no vocabulary-wide float64 copy of a long
+    continuation (the perplexity text's) is made."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=1, keepdims=True)
+    e = x - m
+    np.exp(e, out=e)
+    lse = m[:, 0].astype(np.float64) + np.log(e.sum(axis=1, dtype=np.float64))
+    target = np.asarray(c_ids, dtype=np.int64)
+    lp = x[np.arange(len(target)), target].astype(np.float64) - lse
+    return Scored(
+        prompt_ids=tuple(int(t) for t in p_ids),
+        target_ids=tuple(int(t) for t in c_ids),
+        logprobs=tuple(float(v) for v in lp),
+        greedy_ids=tuple(int(t) for t in x.argmax(axis=1)),
+    )
 
 
 @runtime_checkable

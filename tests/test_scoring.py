@@ -303,3 +303,20 @@ def test_smollm2_probes_on_known_facts(smollm2):
     assert res[0].top1 == " Paris"
     assert math.exp(res[0].lp_expected) > 0.3
     assert rates(res)["edit"] == 100.0
+
+
+def test_scored_from_logits_matches_a_float64_log_softmax():
+    """The numpy runtimes' log-probs (float32 exponentials, float64 sums) equal a float64 log-softmax to 1e-6, for
+    logits spread wide as a real model's are, and the greedy ids are the row maxima."""
+    import numpy as np
+
+    from edit2deploy.scoring import scored_from_logits
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((7, 5000)) * 8 + rng.uniform(-50, 50, (7, 1))).astype(np.float32)
+    target = rng.integers(0, 5000, 7)
+    s = scored_from_logits([1, 2], target.tolist(), logits)
+    x = logits.astype(np.float64)
+    ref = x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
+    assert np.allclose(s.logprobs, ref[np.arange(7), target], atol=1e-6, rtol=0)
+    assert s.greedy_ids == tuple(logits.argmax(1).tolist()) and s.prompt_ids == (1, 2)

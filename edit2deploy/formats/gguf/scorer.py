@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from edit2deploy.errors import UsageError
-from edit2deploy.scoring import Scored
+from edit2deploy.scoring import Scored, scored_from_logits
 
 from .decoder import MAX_STREAMS, StreamDecoder, greedy_rows
 from .quant import captured_stderr, require_llama_cpp
@@ -117,12 +117,6 @@ def _new_llama(llama_cpp, path: Path, n_ctx: int, logits_all: bool, kv_type: str
     )
 
 
-def _log_softmax_rows(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    m = rows.max(axis=-1, keepdims=True)
-    return rows - (m + np.log(np.exp(rows - m).sum(axis=-1, keepdims=True)))
-
-
 class LlamaCppScorer:
     """Teacher-forced per-token log-probs and greedy ids of continuations, computed by llama.cpp on a GGUF."""
 
@@ -202,14 +196,7 @@ class LlamaCppScorer:
             p_ids, c_ids = pairs[i]
             self._eval_prefix_shared(seqs[i])
             first = len(p_ids) - 1
-            rows = _log_softmax_rows(self._llm.scores[first : first + len(c_ids)])
-            target = np.asarray(c_ids)
-            out[i] = Scored(
-                prompt_ids=tuple(int(x) for x in p_ids),
-                target_ids=tuple(int(x) for x in c_ids),
-                logprobs=tuple(float(x) for x in rows[np.arange(len(c_ids)), target]),
-                greedy_ids=tuple(int(x) for x in rows.argmax(-1)),
-            )
+            out[i] = scored_from_logits(p_ids, c_ids, self._llm.scores[first : first + len(c_ids)])
         return out  # type: ignore[return-value]
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:

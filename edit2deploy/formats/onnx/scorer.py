@@ -26,7 +26,7 @@ import numpy as np
 
 from edit2deploy.errors import UsageError
 from edit2deploy.models import read_chat_template
-from edit2deploy.scoring import Scored, pad_id
+from edit2deploy.scoring import Scored, pad_id, scored_from_logits
 
 if TYPE_CHECKING:
     from edit2deploy.generation import StopRule
@@ -46,25 +46,6 @@ def default_threads() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // 2)
-
-
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    m = rows.max(axis=-1, keepdims=True)
-    return rows - (m + np.log(np.exp(rows - m).sum(axis=-1, keepdims=True)))
-
-
-def _scored(p_ids: Sequence[int], c_ids: Sequence[int], logits: np.ndarray) -> Scored:
-    """`logits`: one row per continuation token (the row predicting it)."""
-    logp = _log_softmax(logits)
-    target = np.asarray(c_ids, dtype=np.int64)
-    lp = logp[np.arange(len(c_ids)), target]
-    return Scored(
-        prompt_ids=tuple(int(x) for x in p_ids),
-        target_ids=tuple(int(x) for x in c_ids),
-        logprobs=tuple(float(x) for x in lp),
-        greedy_ids=tuple(int(x) for x in logits.argmax(-1)),
-    )
 
 
 def _check_pair(prompt: str, continuation: str, p_ids: list[int], c_ids: list[int]) -> None:
@@ -223,7 +204,7 @@ class GenAIScorer:
                 rows.extend(lo)
             p_ids, c_ids = tokenized[i]
             first = len(p_ids) - 1
-            out[i] = _scored(p_ids, c_ids, np.stack(rows[first : first + len(c_ids)]))
+            out[i] = scored_from_logits(p_ids, c_ids, np.stack(rows[first : first + len(c_ids)]))
         return out  # type: ignore[return-value]
 
 
@@ -365,7 +346,7 @@ class OrtScorer:
             for row, i in enumerate(chunk):
                 p_ids, c_ids = tokenized[i]
                 first = len(p_ids) - 1
-                out[i] = _scored(
+                out[i] = scored_from_logits(
                     p_ids, c_ids, np.asarray(logits[row, first : first + len(c_ids)], np.float32)
                 )
         return out  # type: ignore[return-value]
