@@ -15,6 +15,7 @@ from pathlib import Path
 from ..atomic import atomic_file
 from ..errors import UsageError
 from ..formats import Artifact, Format
+from ..formats.threads import exclusive_threads
 from ..generation import StopRule
 from ..models import cache_root, open_model
 from ..scoring import Scored, Scorer, TorchScorer
@@ -289,7 +290,8 @@ def torch_factory(
 
 
 def artifact_factory(fmt: Format, art: Artifact) -> Callable[[], Scorer]:
-    return lambda: fmt.scorer(art)
+    """Opens the artifact's runtime with every usable core: while verify uses it, it is the only work running."""
+    return lambda: fmt.scorer(art, threads=exclusive_threads())
 
 
 def jsonable(obj):

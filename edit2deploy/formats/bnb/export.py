@@ -374,8 +374,11 @@ class BnbScorer(TorchScorer):
         self.model = None  # drop the weights now (a run verifies several targets in a row)
 
 
-def open_scorer(artifact: Artifact, batch_size: int = 32, **kwargs: Any) -> BnbScorer:
-    """A `Scorer` on a bitsandbytes directory: the checkpoint's own quantization_config decides how it loads."""
+def open_scorer(
+    artifact: Artifact, batch_size: int = 32, threads: int | None = None, **kwargs: Any
+) -> BnbScorer:
+    """A `Scorer` on a bitsandbytes directory: the checkpoint's own quantization_config decides how it loads.
+    `threads` is not used: torch computes with the process's own threads, as the fp32 references do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_bnb()

@@ -271,11 +271,12 @@ def _patch(
     return art
 
 
-def open_scorer(artifact: Artifact, **kwargs: Any):
-    """The artifact in llama.cpp (`LlamaCppScorer`: scores, greedy continuations, chat)."""
+def open_scorer(artifact: Artifact, threads: int | None = None, **kwargs: Any):
+    """The artifact in llama.cpp (`LlamaCppScorer`: scores, greedy continuations, chat); `threads` None:
+    `threads.shared_threads()`."""
     from .scorer import LlamaCppScorer
 
-    return LlamaCppScorer(artifact.path, **kwargs)
+    return LlamaCppScorer(artifact.path, n_threads=threads, **kwargs)
 
 
 def describe(path: Path) -> Artifact:

@@ -13,7 +13,6 @@ run is reproducible on one machine (llama.cpp's matrix products may differ acros
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -22,19 +21,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..threads import exclusive_threads
 from .decoder import MAX_STREAMS, StreamDecoder
 from .quant import require_llama_cpp
 
 SAMPLING_QUANT = "Q8_0"
 TOP_K = 50
-
-
-def all_threads() -> int:
-    """Every core this process may use: sampling is the only work running while it lasts."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def top_k_draw(logits: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -62,7 +54,7 @@ def sample_rows(
     rng = np.random.default_rng(seed)
     streams = max(1, min(streams, len(prompts)))
     longest = max((len(p) for p in prompts), default=0)
-    dec = StreamDecoder(Path(path), streams, longest + new_tokens + 1, threads or all_threads())
+    dec = StreamDecoder(Path(path), streams, longest + new_tokens + 1, threads or exclusive_threads())
     rows: list[list[int]] = []
     bar = tqdm(total=len(prompts) * new_tokens, desc="generating corpus", unit="tok", disable=quiet)
     try:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from edit2deploy.errors import UsageError
 from edit2deploy.scoring import Scored, scored_from_logits
 
+from ..threads import shared_threads
 from .decoder import MAX_STREAMS, StreamDecoder, greedy_rows
 from .quant import captured_stderr, require_llama_cpp
 
@@ -56,16 +56,6 @@ def no_extra_bufts() -> Iterator[None]:
             lc.llama_model_default_params = original
 
 
-def default_threads() -> int:
-    """Half the usable cores (at least 1): llama.cpp's OpenMP threads spin, and a busy machine punishes
-    oversubscription badly (measured: 2 threads on 2 shared cores ran a 10-token prompt 50x slower than 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
-
-
 def round_ctx(n: int) -> int:
     """A context size for `n` tokens: a multiple of 256 (at least 256). With `logits_all`, llama-cpp-python
     keeps an n_ctx x n_vocab float32 score array (256 x 262k Gemma vocabulary = 268 MB), so keep it small."""
@@ -88,7 +78,7 @@ def open_llama(
     if kv_type not in KV_TYPES:
         raise UsageError(f"kv_type: expected one of {', '.join(KV_TYPES)}, got {kv_type!r}")
     n_ctx = round_ctx(n_ctx)
-    threads = n_threads or default_threads()
+    threads = n_threads or shared_threads()
     log: list[str] = []
     try:
         with no_extra_bufts(), captured_stderr() as log:  # llama.cpp prints some notes past verbose=False
@@ -295,7 +285,7 @@ class LlamaCppScorer:
             part = [list(p) for p in prompts[start : start + MAX_STREAMS]]
             done = self._row_done(until[start : start + MAX_STREAMS], stops[start : start + MAX_STREAMS])
             n_ctx = max(len(p) for p in part) + max_new_tokens + 1
-            threads = self.n_threads or default_threads()
+            threads = self.n_threads or shared_threads()
             # as this scorer's own context computes (`Llama` turns flash attention off unless asked)
             dec = StreamDecoder(
                 self.path, len(part), n_ctx, threads, kv_type=KV_TYPES[self.kv_type], flash_attn=False

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,24 +27,13 @@ from edit2deploy.errors import UsageError
 from edit2deploy.models import read_chat_template
 from edit2deploy.scoring import Scored, pad_id, scored_from_logits
 
+from ..threads import shared_threads
+
 if TYPE_CHECKING:
     from edit2deploy.generation import StopRule
 
 GENAI_CONFIG = "genai_config.json"
 PROVIDERS = ("cpu", "cuda")
-
-
-def default_threads() -> int:
-    """`OMP_NUM_THREADS` if set, else half the usable cores (at least 1): ORT's spinning threads punish a
-    shared machine badly, like llama.cpp's."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
 
 
 def _check_pair(prompt: str, continuation: str, p_ids: list[int], c_ids: list[int]) -> None:
@@ -78,7 +66,7 @@ def genai_config(model_dir: Path | str, provider: str = "cpu", threads: int | No
     cfg.clear_providers()
     if provider != "cpu":
         cfg.append_provider(provider)
-    n = threads or default_threads()
+    n = threads or shared_threads()
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": n}}}}))
     return cfg
 
@@ -233,7 +221,7 @@ class OrtScorer:
         if provider not in PROVIDERS:
             raise UsageError(f"execution provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or default_threads()
+        so.intra_op_num_threads = threads or shared_threads()
         so.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"] if provider == "cpu" else ["CUDAExecutionProvider"]
         self.session = ort.InferenceSession(str(path), so, providers=providers)
