@@ -1535,3 +1535,35 @@ def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, mon
     report = editor.apply_batch(REQUESTS, harden=Recorder())
     assert report.retry["rounds"]  # something was retried, so the δ differ from the first optimisation's
     assert torch.equal(seen["hardened_from"], seen["retried"])
+
+
+def test_each_method_fills_in_its_own_choices_when_resolved():
+    """`EditConfig` fields left None are the method's choice, filled in (and so recorded) by `resolve_config`: the
+    default method edits for chat — λ_∅ 15000, up to 4 re-solves checked on the chat reply and the completion,
+    both chat contexts —, the published methods get none of it, and a value given is kept."""
+    from edit2deploy.arch import architecture_for
+    from edit2deploy.methods.editor import DEFAULT_METHOD_CHOICES, UNCHOSEN, resolve_config
+    from edit2deploy.ops.settings import check_edit_config, edit_config_from
+
+    arch = architecture_for("llama")
+    got = resolve_config(EditConfig(), arch, 30, has_chat_template=True)
+    assert (got.lambda_null, got.retry_rounds, got.retry_chat, got.retry_completion, got.chat_kinds) == (
+        15_000.0,
+        4,
+        True,
+        True,
+        "both",
+    )
+    assert {k: getattr(got, k) for k in DEFAULT_METHOD_CHOICES} == DEFAULT_METHOD_CHOICES
+    for name in ("memit", "alphaedit", "encore"):
+        published = resolve_config(EditConfig(method=name), arch, 30, has_chat_template=True)
+        assert {k: getattr(published, k) for k in UNCHOSEN} == UNCHOSEN
+    given = resolve_config(EditConfig(lambda_null=0.0, retry_rounds=1), arch, 30, has_chat_template=True)
+    assert (given.lambda_null, given.retry_rounds, given.retry_chat) == (0.0, 1, True)
+    assert None not in (got.to_json()[k] for k in UNCHOSEN)  # the ledger records what was applied
+    # settings: a method's choice is typed like the field's value (no coercion), and None only from Python
+    with pytest.raises(UsageError, match="field 'retry_chat': expected true or false"):
+        edit_config_from({"retry_chat": "yes"}, "t.toml")
+    with pytest.raises(UsageError, match="field 'chat_kinds'"):
+        edit_config_from({"chat_kinds": "all"}, "t.toml")
+    assert check_edit_config(EditConfig()).lambda_null is None
