@@ -1324,8 +1324,9 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     assert after == 100.0, [(r.probe.prompt, r.margin) for r in results]
     assert base < after
     rec = run.batches[0]
-    assert all(rec["converged"]), rec["steps"]  # MPES stopped every request once its target was top-1
-    assert all(s < 25 for s in rec["steps"])
+    # MPES stops a request once its target is top-1 in every context; with the reply context one of the four may
+    # need the whole 25 steps, and a re-solve round then adds what is missing (ES above is 100 either way)
+    assert sum(rec["converged"]) >= 3 and sum(s < 25 for s in rec["steps"]) >= 3, rec["steps"]
 
 
 @pytest.mark.slow
@@ -1421,7 +1422,9 @@ def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
 
     requests = load_requests(COUNTERFACT_VAL, limit=RETRY_CASES)
     corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    cfg = EditConfig(layers=(4, 5, 6, 7, 8), lambda_null=10_000.0, retry_rounds=2)
+    cfg = EditConfig(  # the teacher-forced check alone, as this test reads it
+        layers=(4, 5, 6, 7, 8), lambda_null=10_000.0, retry_rounds=2, retry_chat=False, retry_completion=False
+    )
     run = edit_model(
         "smollm2-135m", requests, tmp_path / "out", cfg=cfg, corpus=corpus, n_tokens=20_000, quiet=True
     )

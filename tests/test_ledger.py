@@ -313,7 +313,7 @@ def test_non_finite_batch_is_not_applied(env, three, tmp_path, monkeypatch, caps
 
     monkeypatch.setitem(METHODS, "default", dataclasses.replace(spec, solve=solve))
     cfg_file = tmp_path / "edit.toml"
-    cfg_file.write_text("[edit]\nmax_steps = 2\n")
+    cfg_file.write_text("[edit]\nmax_steps = 2\nretry_rounds = 0\n")  # solve calls counted: one per layer
     out = tmp_path / "out"
     rc = cli.main(
         [
