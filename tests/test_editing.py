@@ -1351,7 +1351,9 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
             "smollm2-135m",
             requests,
             tmp_path / name,
-            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=False),  # the facts alone
+            cfg=EditConfig(
+                layers=(4, 5, 6, 7, 8), preserve_names=False, retry_rounds=0
+            ),  # the facts alone; one solve
             corpus=corpus,
             n_tokens=20_000,
             quiet=True,
@@ -1390,7 +1392,9 @@ def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_pat
             "smollm2-135m",
             requests,
             tmp_path / str(on),
-            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=on),
+            cfg=EditConfig(
+                layers=(4, 5, 6, 7, 8), preserve_names=on, retry_rounds=0
+            ),  # the null space, one solve
             corpus=corpus,
             n_tokens=20_000,
             quiet=True,
