@@ -40,7 +40,8 @@ REQUESTS = [
 ]
 LAYERS = (0, 1)
 NAMES = [f"model.layers.{li}.mlp.down_proj.weight" for li in LAYERS]
-CFG = EditConfig(layers=LAYERS, values=ValueHParams(max_steps=2))
+# one solve per batch: the ledger's mechanics are under test (a failed-batch test counts the solves)
+CFG = EditConfig(layers=LAYERS, retry_rounds=0, values=ValueHParams(max_steps=2))
 N_TOKENS = 2000
 
 
