@@ -62,7 +62,10 @@ def main() -> None:
         help="only the first record of each subject (zsRE's head gives one subject several contradicting targets)",
     )
     ap.add_argument(
-        "--harden", action="store_true", help="harden each batch against --target (`run --harden`)"
+        "--harden",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="harden each batch against --target (default: as `run`, on)",
     )
     args = ap.parse_args()
     source = ZSRE if args.data == "zsre" else COUNTERFACT / f"counterfact-{args.split}.json"

@@ -33,11 +33,10 @@ class Gates:
     relative_margin: float | None = None
     # max percent the artifact's held-out perplexity may exceed its paired baseline's (off by default)
     perplexity_increase: float | None = None
-    # generated text (generation.py). Off by default until chat-aware editing makes them passable; the report
-    # shows the generated rates either way. min share (0-1) of edited facts whose chat reply to the edit prompt
-    # gives the new answer in the artifact:
-    chat_efficacy: float | None = None
-    generation_survival: float | None = None  # min share (0-1) of generated verdicts equal to fp32's
+    # generated text (generation.py); not measured (generation off, no chat template): passed, and the detail says
+    # so. min share (0-1) of edited facts whose chat reply to the edit prompt gives the new answer in the artifact:
+    chat_efficacy: float | None = 0.8
+    generation_survival: float | None = 0.9  # min share (0-1) of generated verdicts equal to fp32's
 
     @classmethod
     def parse(cls, items: Sequence[str], base: Gates | None = None) -> Gates:
@@ -117,7 +116,7 @@ def generation_gates(gates: Gates, check: GenerationCheck | None) -> list[GateRe
             ]
         )
         detail = (
-            "no chat replies (no generation, or no chat template)"
+            "not measured: no chat replies (generation off, or the model has no chat template)"
             if value is None
             else (
                 f"chat replies to the edit prompt giving the new answer: {value:.3f} (need ≥ {gates.chat_efficacy})"
@@ -128,7 +127,7 @@ def generation_gates(gates: Gates, check: GenerationCheck | None) -> list[GateRe
                 "chat_efficacy",
                 value,
                 gates.chat_efficacy,
-                value is not None and value >= gates.chat_efficacy,
+                value is None or value >= gates.chat_efficacy,
                 detail,
                 failing,
             )
@@ -145,7 +144,7 @@ def generation_gates(gates: Gates, check: GenerationCheck | None) -> list[GateRe
             ]
         )
         detail = (
-            "no generated verdicts to compare"
+            "not measured: no generated verdicts to compare (generation off)"
             if value is None
             else (f"generated verdicts equal to fp32: {value:.3f} (need ≥ {gates.generation_survival})")
         )
@@ -154,7 +153,7 @@ def generation_gates(gates: Gates, check: GenerationCheck | None) -> list[GateRe
                 "generation_survival",
                 value,
                 gates.generation_survival,
-                value is not None and value >= gates.generation_survival,
+                value is None or value >= gates.generation_survival,
                 detail,
                 failing,
             )

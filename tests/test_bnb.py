@@ -246,6 +246,7 @@ def test_cli_export_and_verify(b_tiny, tmp_path, capsys):
             "survival=off",
             "--gate",
             "specificity_drop=off",
+            *("--gate", "chat_efficacy=off", "--gate", "generation_survival=off"),  # a random model's replies
         ]
     )
     doc = json.loads(capsys.readouterr().out)

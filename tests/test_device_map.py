@@ -271,3 +271,18 @@ def test_run_checks_device_map_settings(env, tmp_path):
             max_memory="disk=1GiB",
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_run_hardens_by_default_except_with_a_device_map(tmp_path):
+    """`run` hardens every batch against its targets unless told not to (`--no-harden`) or the model is placed
+    by `--device-map` (hardening simulates the whole model on one device), where asking for it is an error."""
+    from edit2deploy.ops.run import RunConfig, prepare
+
+    edits = tmp_path / "e.jsonl"
+    edits.write_text(json.dumps(REQUESTS[0]) + "\n")
+    base = {"model": "m", "edits": edits, "targets": "gguf:Q4_K_M", "out": tmp_path / "o"}
+    assert prepare(RunConfig(**base)).harden is not None
+    assert prepare(RunConfig(**base, harden=False)).harden is None
+    assert prepare(RunConfig(**base, device_map="auto")).harden is None
+    with pytest.raises(UsageError, match="use --no-harden"):
+        prepare(RunConfig(**base, device_map="auto", harden=True))

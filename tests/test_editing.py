@@ -1324,8 +1324,9 @@ def test_smollm2_counterfact_edits_take_effect(smollm2, smollm2_dir, tmp_path):
     assert after == 100.0, [(r.probe.prompt, r.margin) for r in results]
     assert base < after
     rec = run.batches[0]
-    assert all(rec["converged"]), rec["steps"]  # MPES stopped every request once its target was top-1
-    assert all(s < 25 for s in rec["steps"])
+    # MPES stops a request once its target is top-1 in every context; with the reply context one of the four may
+    # need the whole 25 steps, and a re-solve round then adds what is missing (ES above is 100 either way)
+    assert sum(rec["converged"]) >= 3 and sum(s < 25 for s in rec["steps"]) >= 3, rec["steps"]
 
 
 @pytest.mark.slow
@@ -1350,7 +1351,9 @@ def test_smollm2_preserved_facts_keep_their_keys_out_of_the_update(smollm2, tmp_
             "smollm2-135m",
             requests,
             tmp_path / name,
-            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=False),  # the facts alone
+            cfg=EditConfig(
+                layers=(4, 5, 6, 7, 8), preserve_names=False, retry_rounds=0
+            ),  # the facts alone; one solve
             corpus=corpus,
             n_tokens=20_000,
             quiet=True,
@@ -1389,7 +1392,9 @@ def test_smollm2_corpus_names_keep_their_keys_out_of_the_update(smollm2, tmp_pat
             "smollm2-135m",
             requests,
             tmp_path / str(on),
-            cfg=EditConfig(layers=(4, 5, 6, 7, 8), preserve_names=on),
+            cfg=EditConfig(
+                layers=(4, 5, 6, 7, 8), preserve_names=on, retry_rounds=0
+            ),  # the null space, one solve
             corpus=corpus,
             n_tokens=20_000,
             quiet=True,
@@ -1421,7 +1426,9 @@ def test_smollm2_retry_makes_failed_edits_take(smollm2, tmp_path):
 
     requests = load_requests(COUNTERFACT_VAL, limit=RETRY_CASES)
     corpus = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    cfg = EditConfig(layers=(4, 5, 6, 7, 8), lambda_null=10_000.0, retry_rounds=2)
+    cfg = EditConfig(  # the teacher-forced check alone, as this test reads it
+        layers=(4, 5, 6, 7, 8), lambda_null=10_000.0, retry_rounds=2, retry_chat=False, retry_completion=False
+    )
     run = edit_model(
         "smollm2-135m", requests, tmp_path / "out", cfg=cfg, corpus=corpus, n_tokens=20_000, quiet=True
     )
@@ -1535,3 +1542,35 @@ def test_hardening_after_retry_starts_from_the_retried_delta(tiny_model_dir, mon
     report = editor.apply_batch(REQUESTS, harden=Recorder())
     assert report.retry["rounds"]  # something was retried, so the δ differ from the first optimisation's
     assert torch.equal(seen["hardened_from"], seen["retried"])
+
+
+def test_each_method_fills_in_its_own_choices_when_resolved():
+    """`EditConfig` fields left None are the method's choice, filled in (and so recorded) by `resolve_config`: the
+    default method edits for chat — λ_∅ 15000, up to 4 re-solves checked on the chat reply and the completion,
+    both chat contexts —, the published methods get none of it, and a value given is kept."""
+    from edit2deploy.arch import architecture_for
+    from edit2deploy.methods.editor import DEFAULT_METHOD_CHOICES, UNCHOSEN, resolve_config
+    from edit2deploy.ops.settings import check_edit_config, edit_config_from
+
+    arch = architecture_for("llama")
+    got = resolve_config(EditConfig(), arch, 30, has_chat_template=True)
+    assert (got.lambda_null, got.retry_rounds, got.retry_chat, got.retry_completion, got.chat_kinds) == (
+        15_000.0,
+        4,
+        True,
+        True,
+        "both",
+    )
+    assert {k: getattr(got, k) for k in DEFAULT_METHOD_CHOICES} == DEFAULT_METHOD_CHOICES
+    for name in ("memit", "alphaedit", "encore"):
+        published = resolve_config(EditConfig(method=name), arch, 30, has_chat_template=True)
+        assert {k: getattr(published, k) for k in UNCHOSEN} == UNCHOSEN
+    given = resolve_config(EditConfig(lambda_null=0.0, retry_rounds=1), arch, 30, has_chat_template=True)
+    assert (given.lambda_null, given.retry_rounds, given.retry_chat) == (0.0, 1, True)
+    assert None not in (got.to_json()[k] for k in UNCHOSEN)  # the ledger records what was applied
+    # settings: a method's choice is typed like the field's value (no coercion), and None only from Python
+    with pytest.raises(UsageError, match="field 'retry_chat': expected true or false"):
+        edit_config_from({"retry_chat": "yes"}, "t.toml")
+    with pytest.raises(UsageError, match="field 'chat_kinds'"):
+        edit_config_from({"chat_kinds": "all"}, "t.toml")
+    assert check_edit_config(EditConfig()).lambda_null is None

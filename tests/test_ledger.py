@@ -40,7 +40,8 @@ REQUESTS = [
 ]
 LAYERS = (0, 1)
 NAMES = [f"model.layers.{li}.mlp.down_proj.weight" for li in LAYERS]
-CFG = EditConfig(layers=LAYERS, values=ValueHParams(max_steps=2))
+# one solve per batch: the ledger's mechanics are under test (a failed-batch test counts the solves)
+CFG = EditConfig(layers=LAYERS, retry_rounds=0, values=ValueHParams(max_steps=2))
 N_TOKENS = 2000
 
 
@@ -313,7 +314,7 @@ def test_non_finite_batch_is_not_applied(env, three, tmp_path, monkeypatch, caps
 
     monkeypatch.setitem(METHODS, "default", dataclasses.replace(spec, solve=solve))
     cfg_file = tmp_path / "edit.toml"
-    cfg_file.write_text("[edit]\nmax_steps = 2\n")
+    cfg_file.write_text("[edit]\nmax_steps = 2\nretry_rounds = 0\n")  # solve calls counted: one per layer
     out = tmp_path / "out"
     rc = cli.main(
         [

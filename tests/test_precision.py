@@ -199,7 +199,7 @@ def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(
         cfg=CFG,
         corpus=cache,
         n_tokens=1500,
-        gates=["survival=0", "specificity_drop=off"],
+        gates=["survival=0", "specificity_drop=off", "chat_efficacy=off", "generation_survival=off"],
         quiet=True,
     )
     assert res.passed
@@ -215,7 +215,7 @@ def test_run_on_a_bf16_checkpoint_exports_and_verifies_with_peaks_per_stage(
     # asking for float32 weights edits again (the reused model was made in bf16)
     again = run(
         str(half_model_dir("llama")), edits_file(tmp_path), "gguf:Q8_0", tmp_path / "run", cfg=CFG, corpus=cache,
-        n_tokens=1500, gates=["survival=0", "specificity_drop=off"], quiet=True, dtype="float32",
+        n_tokens=1500, gates=["survival=0", "specificity_drop=off", "chat_efficacy=off", "generation_survival=off"], quiet=True, dtype="float32",
     )  # fmt: skip
     assert not again.edit_cached and "loaded in bfloat16, not float32" in again.edit_note
     assert set(stored_dtypes(again.model_dir).values()) == {"F32"}

@@ -557,3 +557,24 @@ def test_demo_edits_are_the_example_edits():
     assert (
         requests[0].text == "The Eiffel Tower is located in the city of" and requests[0].target_new == "Rome"
     )
+
+
+def test_chat_gates_are_on_by_default_and_pass_only_what_they_can_measure():
+    """`chat_efficacy` (≥ 0.8) and `generation_survival` (≥ 0.9) are default gates: they fail below their
+    threshold, and pass, saying so, when nothing could be measured (generation off, or no chat template)."""
+    from edit2deploy.gates import generation_gates
+
+    assert (Gates().chat_efficacy, Gates().generation_survival) == (0.8, 0.9)
+    req = EditRequest("The Eiffel Tower is in", "The Eiffel Tower", "Rome", "Paris", id="e")
+    fp32, good, bad = _Says("It is in Rome, Italy."), _Says("Rome, Italy."), _Says("Paris, of course.")
+    passed = generation_gates(Gates(), check_generation([req], {"fp32": fp32, "artifact": good}))
+    assert [(g.name, g.value, g.passed) for g in passed] == [
+        ("chat_efficacy", 1.0, True),
+        ("generation_survival", 1.0, True),
+    ]
+    failed = generation_gates(Gates(), check_generation([req], {"fp32": fp32, "artifact": bad}))
+    assert [(g.name, g.passed) for g in failed] == [("chat_efficacy", False), ("generation_survival", False)]
+    assert failed[0].failing == ["chat:e: The Eiffel Tower is in"]
+    unmeasured = generation_gates(Gates(), None)
+    assert all(g.passed and g.value is None and g.detail.startswith("not measured") for g in unmeasured)
+    assert generation_gates(parse_gates(["chat_efficacy=off", "generation_survival=off"]), None) == []

@@ -82,9 +82,10 @@ def add_run(sub) -> Callable:
     p.add_argument("--no-baseline", action="store_true", help="skip the paired baselines")
     p.add_argument(
         "--harden",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="harden every edit batch against the targets' quantization (simulated in torch; see edit --harden-for)",
+        help="harden every edit batch against the targets' quantization, simulated in torch (default: on, but "
+        "not with --device-map; see edit --harden-for)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (editing and fp32 scoring)")
     add_dtype(p, default=None)
@@ -101,8 +102,8 @@ def run_settings(args: argparse.Namespace) -> dict:
     settings.update({k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k) is not None})
     if args.no_baseline:
         settings["baseline"] = False
-    if args.harden:
-        settings["harden"] = True
+    if args.harden is not None:
+        settings["harden"] = args.harden
     if args.no_generation:
         settings["generation"] = False
     gates = settings.get("gates", [])

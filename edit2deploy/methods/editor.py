@@ -7,9 +7,9 @@ batch touched is restored before the error propagates.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,21 +54,23 @@ class EditConfig:
     # 1e-2 keeps 52-78% — and gave +4 NS at equal ES/PS (benchmarks/RESULTS.md, "Null-space threshold").
     tau: float = 1e-2
     tau_relative: bool = True  # False: τ is an absolute eigenvalue threshold, as in AlphaEdit's released code
+    # Fields left None are the method's own choice (`MethodSpec.defaults`, else `UNCHOSEN`), filled in by
+    # `resolve_config` and recorded so.
     # Weight of C inside the null space (λ_∅ C P in the AlphaEdit solve): the preserved keys' energy that the
     # threshold lets through is penalised as in MEMIT. 0: AlphaEdit as published.
-    lambda_null: float = 0.0
+    lambda_null: float | None = None
     # With λ_∅ > 0: penalise the whole drift W − W0 on the preserved keys, not only this batch's ΔW, so each
     # batch also pulls back what earlier batches moved there (the solve's D term). False: per batch, as above.
     null_drift: bool = False
     # Re-solve rounds per batch for requests whose edit prompt still fails after the solve (methods/retry.py):
     # their δ is optimised further on the edited model and the batch is solved again. 0: one solve, as published.
-    retry_rounds: int = 0
+    retry_rounds: int | None = None
     # `retry_chat`: with retry rounds, an edit also counts as failed while the edited model's greedy chat reply to
     # its prompt (its own template, fp32, and each hardening target's simulated quantization) does not give the new
     # answer (generation.py's verdict).
-    retry_chat: bool = False
+    retry_chat: bool | None = None
     # `retry_completion`: the same for the greedy plain-text continuation of its prompt.
-    retry_completion: bool = False
+    retry_completion: bool | None = None
     # Neighbour keys (methods/neighbours.py): each request's prompt asked about `neighbour_names` other names
     # from the statistics corpus, held at their outputs with this weight per request (‖ΔW Kn‖² in the solve).
     # `neighbour_kept`: they also join the previous keys, so later batches hold them too. 0: as published.
@@ -90,14 +92,36 @@ class EditConfig:
     # in the recorded config. `chat_keys`: "separate" gives each fact a second key column (its chat contexts'
     # mean key, solved toward the same residual), "shared" mixes them into the one key. `chat_kinds`: which chat
     # contexts, "restated" (the assistant repeats the prompt, then answers), "reply" (the answer opens the reply)
-    # or "both"; the reply context's δ moves other names with the subject (RESULTS.md, 1.6).
+    # or "both"; alone, the reply context's δ moves other names with the subject (RESULTS.md, 1.6).
     chat_contexts: str = "auto"
     chat_keys: str = "separate"
-    chat_kinds: str = "restated"
+    chat_kinds: str | None = None
     values: ValueHParams = field(default_factory=ValueHParams)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# What a method that makes no choice of its own gets for each None field of `EditConfig` (as published: no λ_∅, one
+# solve, the restated chat context). Also the type of each such field, for settings' checks.
+UNCHOSEN: dict[str, Any] = {
+    "lambda_null": 0.0,
+    "retry_rounds": 0,
+    "retry_chat": False,
+    "retry_completion": False,
+    "chat_kinds": "restated",
+}
+
+# The default method's choices (benchmarks/RESULTS.md, 1.11): with both chat contexts, edits that the chat reply and
+# the plain continuation show, in full precision and in each hardening target's simulated quantization (`retry_chat`,
+# `retry_completion`, up to 4 re-solves), while λ_∅ 15000 holds perplexity and the neighbourhood.
+DEFAULT_METHOD_CHOICES: dict[str, Any] = {
+    "lambda_null": 15_000.0,
+    "retry_rounds": 4,
+    "retry_chat": True,
+    "retry_completion": True,
+    "chat_kinds": "both",
+}
 
 
 def no_previous_keys(d_in: int) -> torch.Tensor:
@@ -221,6 +245,8 @@ class MethodSpec:
     # the statistics corpus's names join the preserved facts of its null space (`EditConfig.preserve_names`)
     preserves_names: bool = False
     description: str = ""
+    # its values for `EditConfig` fields left None (the others come from `UNCHOSEN`)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _memit(K, R, C, state: LayerState, cfg: EditConfig, drift=None, Kn=None) -> torch.Tensor:
@@ -274,6 +300,7 @@ METHODS: dict[str, MethodSpec] = {
             uses_projector=True,
             preserves_names=True,
             description="AlphaEdit's null-space solve + ENCORE's MPES (α acts as the norm weight)",
+            defaults=DEFAULT_METHOD_CHOICES,
         ),
     )
 }
@@ -307,11 +334,18 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def resolve_config(cfg: EditConfig, arch: Architecture, n_layers: int, has_chat_template: bool) -> EditConfig:
-    """`cfg` as an edit applies and records it: the architecture's default layers, the method's MPES default
-    and whether chat contexts are used filled in. A later run compares its own resolved config with the
-    recorded one to reuse an edit."""
+    """`cfg` as an edit applies and records it: the architecture's default layers, the method's choices for the
+    fields left None (its MPES default among them) and whether chat contexts are used filled in. A later run
+    compares its own resolved config with the recorded one to reuse an edit."""
+    spec = method_spec(cfg.method)
+    chosen = {
+        name: spec.defaults.get(name, unchosen)
+        for name, unchosen in UNCHOSEN.items()
+        if getattr(cfg, name) is None
+    }
+    cfg = replace(cfg, **chosen)
     layers = check_layers(cfg.layers or arch.layers_for(n_layers), n_layers)
-    mpes = method_spec(cfg.method).mpes if cfg.values.mpes is None else cfg.values.mpes
+    mpes = spec.mpes if cfg.values.mpes is None else cfg.values.mpes
     if cfg.chat_contexts == "on" and not has_chat_template:
         raise UsageError(
             "chat_contexts = on needs a chat template, and this model has none (use auto or off)"

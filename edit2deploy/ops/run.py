@@ -73,7 +73,8 @@ class RunConfig:
     """What `run` is asked to do (`edit2deploy run`'s flags and [run] table; `edit2deploy.run`'s arguments).
 
     `gates`: NAME=VALUE strings or a mapping ('off'/None disables). `harden`: True (or a `HardenConfig`) hardens
-    every batch against the quantization of the run's own targets, as `edit --harden-for` does."""
+    every batch against the quantization of the run's own targets, as `edit --harden-for` does; None (default):
+    hardened unless `device_map` places the model (hardening simulates the whole model on one device)."""
 
     model: str
     edits: str | Path | Sequence[EditRequest]
@@ -95,7 +96,7 @@ class RunConfig:
     max_memory: Mapping[str | int, int | str] | str | None = None  # with device_map, as `edit --max-memory`
     quiet: bool = False
     reports: bool = True
-    harden: bool | HardenConfig = False
+    harden: bool | HardenConfig | None = None
     generation: bool = True  # also judge generated text: completions and chat replies (generation.py)
 
 
@@ -149,7 +150,9 @@ def prepare(config: RunConfig) -> RunInputs:
     if c.max_memory is not None and c.device_map is None:
         raise UsageError("--max-memory needs --device-map auto")
     if c.device_map is not None and c.harden:
-        raise UsageError("--harden does not work with --device-map (hardening simulates the whole model)")
+        raise UsageError(
+            "--harden does not work with --device-map (hardening simulates the whole model); use --no-harden"
+        )
     targets = parse_targets(config.targets, config.protect_edits, "--targets")
     gates = {t: gates_for(get_format(t.format), t.quant, config.gates) for t in targets}
     if isinstance(config.edits, (str, Path)):
@@ -161,10 +164,9 @@ def prepare(config: RunConfig) -> RunInputs:
     if config.batch_size is not None and config.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     preserved = load_requests(config.preserved, limit=config.preserved_n) if config.preserved else []
+    hardened = config.harden if config.harden is not None else config.device_map is None
     harden = (
-        config.harden
-        if isinstance(config.harden, HardenConfig)
-        else (HardenConfig() if config.harden else None)
+        config.harden if isinstance(config.harden, HardenConfig) else (HardenConfig() if hardened else None)
     )
     return RunInputs(
         config,

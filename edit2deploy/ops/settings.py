@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..formats import PROTECT_CHOICES
 from ..methods import METHODS, EditConfig
 from ..methods.chat import CHAT_CONTEXT_CHOICES, CHAT_KEY_CHOICES, CHAT_KIND_CHOICES
+from ..methods.editor import UNCHOSEN
 from ..methods.values import ValueHParams
 from ..precision import WEIGHT_DTYPES
 
@@ -49,14 +50,18 @@ STRING_CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Numbers that must be > 0, not only ≥ 0 like every other count and weight: 0 would make the edit a silent no-op.
 POSITIVE_FIELDS = ("lr", "clamp")
-NULLABLE_BOOLS = ("mpes",)  # None: the method's own choice (never in a TOML file, which has no null)
+# Fields whose None means the method's own choice (never in a TOML file, which has no null), each with a value of
+# its type: what a method that makes no choice gets.
+NULLABLE: dict[str, Any] = {"mpes": False, **UNCHOSEN}
 
 
 def _typed(where: str, name: str, value: Any, default: Any) -> Any:
     """`value` checked against the type of the field's `default` (no coercion: a string is not a number)."""
-    if name in NULLABLE_BOOLS and value is None:
-        return None
-    if isinstance(default, bool) or name in NULLABLE_BOOLS:
+    if name in NULLABLE:
+        if value is None:
+            return None
+        default = NULLABLE[name]
+    if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UsageError(f"{where}: field '{name}': expected true or false, got {value!r}")
         return value
